@@ -1,0 +1,62 @@
+# netmemtrace — `make run` and `make test` do all set-up on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BTF ?= /sys/kernel/btf/vmlinux
+ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+APT_PKGS := clang llvm libbpf-dev bpftool iproute2 iperf3 tmux python3-venv
+BPF_SRCS := $(wildcard bpf/*.bpf.c)
+BPF_OBJS := $(patsubst bpf/%.bpf.c,netmemtrace/bpfobj/%.bpf.o,$(BPF_SRCS))
+BPF_ABI := $(BPF_OBJS:.o=.json)
+
+.PHONY: run test build deps venv lint bench clean
+
+run: build
+	# The main job: the demo workload (veth + XDP + TCP) with the tool watching it.
+	$(PY) -m netmemtrace.cli demo --duration 6 & demo=$$!; \
+	sleep 2; $(PY) -m netmemtrace.cli dump --duration 3; rc=$$?; wait $$demo; exit $$rc
+
+test: build
+	$(PY) -m ruff check netmemtrace tests bench
+	$(PY) -m pytest -v -rs
+
+build: deps venv $(BPF_OBJS) $(BPF_ABI)
+
+# Only what is missing is installed; apt-get update runs once when something is.
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# vmlinux.h is generated from the build machine's BTF rather than vendored: it is 5+ MB
+# that would churn with every kernel, and CO-RE relocates field offsets at load time
+# anyway. Build elsewhere with BTF=/path/to/vmlinux-btf.
+build/vmlinux.h:
+	@mkdir -p build
+	bpftool btf dump file $(BTF) format c > $@.tmp && mv $@.tmp $@
+
+netmemtrace/bpfobj/%.bpf.o: bpf/%.bpf.c bpf/netmemtrace.h build/vmlinux.h
+	@mkdir -p netmemtrace/bpfobj
+	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Ibuild -Ibpf -c $< -o $@
+	llvm-strip -g --keep-section=.BTF --keep-section=.BTF.ext $@ 2>/dev/null || true
+
+# The ABI shared with Python: struct layouts straight from the object's BTF.
+netmemtrace/bpfobj/%.bpf.json: netmemtrace/bpfobj/%.bpf.o
+	bpftool btf dump file $< -j > $@
+
+lint: venv
+	$(PY) -m ruff check netmemtrace tests bench
+
+bench: build
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build netmemtrace/bpfobj

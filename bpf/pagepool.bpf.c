@@ -1,0 +1,331 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * page_pool accounting: holds/releases per pool split page vs net_iov, pool
+ * metadata, and destruction (zombie) state.
+ *
+ * Each hook exists once per attach mechanism, named HOOK__MECH; userspace picks one
+ * per hook at load time with bpf_program__set_autoload(), so one object serves every
+ * kernel. The hot path (state_hold/state_release, per page from/to the allocator)
+ * does one per-CPU hash lookup; everything else happens on the slow path.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "netmemtrace.h"
+
+#define MAX_POOLS 4096
+#define MAX_CPUS 1024
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_POOLS);
+	__type(key, __u64);
+	__type(value, struct pool_counters);
+} pool_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_POOLS);
+	__type(key, __u64);
+	__type(value, struct pool_info);
+} pools SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_POOLS);
+	__type(key, struct retired_key);
+	__type(value, struct retired_pool);
+} retired_pools SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pagepool_stats);
+} pagepool_stats SEC(".maps");
+
+/* Scratch space: struct retired_pool is too large for the 512-byte BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct retired_pool);
+} retired_scratch SEC(".maps");
+
+#define stat_inc(field)							\
+	({								\
+		__u32 _zero = 0;					\
+		struct pagepool_stats *_s;				\
+		_s = bpf_map_lookup_elem(&pagepool_stats, &_zero);	\
+		if (_s)							\
+			_s->field += 1;					\
+	})
+
+static __always_inline void read_netdev(struct pool_info *info, struct net_device *dev)
+{
+	if (!dev)
+		return;
+	info->ifindex = BPF_CORE_READ(dev, ifindex);
+	info->netns_ino = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	BPF_CORE_READ_STR_INTO(&info->ifname, dev, name);
+}
+
+/*
+ * Read what the pool says about itself. Drivers with a real netdev set slow.netdev
+ * (6.8+); veth and others leave it NULL but set p.napi, whose dev is the netdev.
+ */
+static __always_inline void read_pool_info(struct pool_info *info, const struct page_pool *pool)
+{
+	struct net_device *dev = NULL;
+	struct napi_struct *napi;
+
+	info->pool = (__u64)pool;
+	info->first_seen_ns = bpf_ktime_get_ns();
+	info->order = BPF_CORE_READ(pool, p.order);
+	info->nid = BPF_CORE_READ(pool, p.nid);
+	napi = BPF_CORE_READ(pool, p.napi);
+	if (napi)
+		info->napi_id = BPF_CORE_READ(napi, napi_id);
+	if (bpf_core_field_exists(pool->user))
+		info->pool_id = BPF_CORE_READ(pool, user.id);
+	if (bpf_core_field_exists(pool->mp_ops))
+		info->mp_ops = (__u64)BPF_CORE_READ(pool, mp_ops);
+	if (bpf_core_field_exists(pool->slow))
+		dev = BPF_CORE_READ(pool, slow.netdev);
+	if (!dev && napi)
+		dev = BPF_CORE_READ(napi, dev);
+	read_netdev(info, dev);
+}
+
+/* Slow path: first event of a pool. Creates its info and zeroed counters. */
+static __noinline struct pool_counters *pool_counters_create(const struct page_pool *pool)
+{
+	struct pool_counters zero = {};
+	struct pool_info info = {};
+	__u64 key = (__u64)pool;
+
+	read_pool_info(&info, pool);
+	/* NOEXIST: another CPU may have created the pool meanwhile; keep its first_seen. */
+	if (bpf_map_update_elem(&pools, &key, &info, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&pools, &key))
+		goto full;
+	if (bpf_map_update_elem(&pool_counters, &key, &zero, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&pool_counters, &key))
+		goto full;
+	return bpf_map_lookup_elem(&pool_counters, &key);
+full:
+	stat_inc(pool_map_full);
+	return NULL;
+}
+
+static __always_inline struct pool_counters *pool_counters_get(const struct page_pool *pool)
+{
+	__u64 key = (__u64)pool;
+	struct pool_counters *c = bpf_map_lookup_elem(&pool_counters, &key);
+
+	return c ? c : pool_counters_create(pool);
+}
+
+static __always_inline int on_state_hold(const struct page_pool *pool, __u64 netmem, __u32 hold)
+{
+	struct pool_counters *c = pool_counters_get(pool);
+
+	if (!c)
+		return 0;
+	c->holds[netmem & NETMEM_NET_IOV_BIT] += 1;
+	c->kernel_hold_cnt = hold;
+	c->last_event_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+static __always_inline int on_state_release(const struct page_pool *pool, __u64 netmem,
+					    __u32 release)
+{
+	struct pool_counters *c = pool_counters_get(pool);
+
+	if (!c)
+		return 0;
+	c->releases[netmem & NETMEM_NET_IOV_BIT] += 1;
+	c->kernel_release_cnt = release;
+	c->last_event_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* Sum a pool's per-CPU counters into the retired record and drop the live entries. */
+static __noinline void pool_retire(__u64 key, struct pool_info *info)
+{
+	struct retired_key rkey = { .pool = key, .release_ns = info->release_last_ns };
+	struct retired_pool *r;
+	struct pool_counters *c;
+	__u32 zero = 0;
+	int cpu;
+
+	r = bpf_map_lookup_elem(&retired_scratch, &zero);
+	if (!r)
+		return;
+	__builtin_memset(r, 0, sizeof(*r));
+	r->info = *info;
+	for (cpu = 0; cpu < MAX_CPUS; cpu++) {
+		c = bpf_map_lookup_percpu_elem(&pool_counters, &key, cpu);
+		if (!c)
+			break;
+		r->holds[0] += c->holds[0];
+		r->holds[1] += c->holds[1];
+		r->releases[0] += c->releases[0];
+		r->releases[1] += c->releases[1];
+	}
+	if (bpf_map_update_elem(&retired_pools, &rkey, r, BPF_ANY))
+		stat_inc(retired_map_full);
+	bpf_map_delete_elem(&pool_counters, &key);
+	bpf_map_delete_elem(&pools, &key);
+}
+
+/*
+ * page_pool_release fires when the driver destroys the pool and then on every retry
+ * while pages are still inflight (a zombie). inflight == 0 means the kernel frees the
+ * pool right after: retire it so a new pool at the same address starts clean.
+ */
+static __always_inline int on_release(const struct page_pool *pool, __s32 inflight, __u32 hold,
+				      __u32 release)
+{
+	__u64 key = (__u64)pool;
+	struct pool_info *info = bpf_map_lookup_elem(&pools, &key);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!info) {
+		/* A pool with no page events since we attached: still worth reporting. */
+		if (!pool_counters_get(pool))
+			return 0;
+		info = bpf_map_lookup_elem(&pools, &key);
+		if (!info)
+			return 0;
+	}
+	if (!info->release_first_ns)
+		info->release_first_ns = now;
+	info->release_last_ns = now;
+	info->release_calls += 1;
+	info->release_inflight = inflight;
+	info->release_hold = hold;
+	info->release_release = release;
+	if (inflight == 0)
+		pool_retire(key, info);
+	return 0;
+}
+
+static __always_inline int on_update_nid(const struct page_pool *pool, int new_nid)
+{
+	__u64 key = (__u64)pool;
+	struct pool_info *info = bpf_map_lookup_elem(&pools, &key);
+
+	if (info)
+		info->nid = new_nid;
+	return 0;
+}
+
+static __always_inline int on_destroy(const struct page_pool *pool)
+{
+	__u64 key = (__u64)pool;
+	struct pool_info *info = bpf_map_lookup_elem(&pools, &key);
+
+	if (!info && pool_counters_get(pool))
+		info = bpf_map_lookup_elem(&pools, &key);
+	if (info)
+		info->destroy_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* ---- page_pool_state_hold ---- */
+SEC("tp_btf/page_pool_state_hold")
+int BPF_PROG(page_pool_state_hold__tp_btf, const struct page_pool *pool, __u64 netmem, __u32 hold)
+{
+	return on_state_hold(pool, netmem, hold);
+}
+
+SEC("raw_tp/page_pool_state_hold")
+int BPF_PROG(page_pool_state_hold__raw_tp, const struct page_pool *pool, __u64 netmem, __u32 hold)
+{
+	return on_state_hold(pool, netmem, hold);
+}
+
+SEC("tracepoint/page_pool/page_pool_state_hold")
+int page_pool_state_hold__tracepoint(struct trace_event_raw_page_pool_state_hold *ctx)
+{
+	return on_state_hold(ctx->pool, ctx->netmem, ctx->hold);
+}
+
+/* ---- page_pool_state_release ---- */
+SEC("tp_btf/page_pool_state_release")
+int BPF_PROG(page_pool_state_release__tp_btf, const struct page_pool *pool, __u64 netmem,
+	     __u32 release)
+{
+	return on_state_release(pool, netmem, release);
+}
+
+SEC("raw_tp/page_pool_state_release")
+int BPF_PROG(page_pool_state_release__raw_tp, const struct page_pool *pool, __u64 netmem,
+	     __u32 release)
+{
+	return on_state_release(pool, netmem, release);
+}
+
+SEC("tracepoint/page_pool/page_pool_state_release")
+int page_pool_state_release__tracepoint(struct trace_event_raw_page_pool_state_release *ctx)
+{
+	return on_state_release(ctx->pool, ctx->netmem, ctx->release);
+}
+
+/* ---- page_pool_release ---- */
+SEC("tp_btf/page_pool_release")
+int BPF_PROG(page_pool_release__tp_btf, const struct page_pool *pool, __s32 inflight, __u32 hold,
+	     __u32 release)
+{
+	return on_release(pool, inflight, hold, release);
+}
+
+SEC("raw_tp/page_pool_release")
+int BPF_PROG(page_pool_release__raw_tp, const struct page_pool *pool, __s32 inflight, __u32 hold,
+	     __u32 release)
+{
+	return on_release(pool, inflight, hold, release);
+}
+
+SEC("tracepoint/page_pool/page_pool_release")
+int page_pool_release__tracepoint(struct trace_event_raw_page_pool_release *ctx)
+{
+	return on_release(ctx->pool, ctx->inflight, ctx->hold, ctx->release);
+}
+
+/* ---- page_pool_update_nid ---- */
+SEC("tp_btf/page_pool_update_nid")
+int BPF_PROG(page_pool_update_nid__tp_btf, const struct page_pool *pool, int new_nid)
+{
+	return on_update_nid(pool, new_nid);
+}
+
+SEC("raw_tp/page_pool_update_nid")
+int BPF_PROG(page_pool_update_nid__raw_tp, const struct page_pool *pool, int new_nid)
+{
+	return on_update_nid(pool, new_nid);
+}
+
+SEC("tracepoint/page_pool/page_pool_update_nid")
+int page_pool_update_nid__tracepoint(struct trace_event_raw_page_pool_update_nid *ctx)
+{
+	return on_update_nid(ctx->pool, ctx->new_nid);
+}
+
+/* ---- page_pool_destroy(): the driver's destroy call, for the exact zombie start ---- */
+SEC("fentry/page_pool_destroy")
+int BPF_PROG(page_pool_destroy__fentry, struct page_pool *pool)
+{
+	return on_destroy(pool);
+}
+
+SEC("kprobe/page_pool_destroy")
+int BPF_KPROBE(page_pool_destroy__kprobe, struct page_pool *pool)
+{
+	return on_destroy(pool);
+}
+
+char LICENSE[] SEC("license") = "GPL";

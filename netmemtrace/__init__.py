@@ -1,0 +1,3 @@
+"""netmemtrace: eBPF observability for Linux network memory."""
+
+__version__ = "0.1.0"

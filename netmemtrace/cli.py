@@ -1,0 +1,120 @@
+"""Command line: `netmemtrace {dump,probes,demo}`. Errors are one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from . import __version__, abi, libbpf, probes
+from .session import Session
+
+EPILOG = """\
+examples:
+  sudo netmemtrace dump --duration 5      JSON of every page pool seen in 5 s
+  sudo netmemtrace probes                 which hook attached with which mechanism, and why not
+  sudo netmemtrace demo --duration 30     veth + XDP + TCP traffic so page pools really run
+
+Needs root (or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN) and kernel BTF
+(/sys/kernel/btf/vmlinux, or --btf-path). Schema of `dump`: README.md.
+"""
+
+
+class _Terminate(Exception):
+    """SIGTERM, turned into an exception so the same cleanup as Ctrl-C runs."""
+
+
+def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
+    raise _Terminate
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netmemtrace", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="eBPF observability for Linux network memory: page_pool inflight and "
+                    "recycling per NIC queue, memcg socket memory, zerocopy.",
+        epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"netmemtrace {__version__}")
+    p.add_argument("--btf-path", metavar="FILE",
+                   help="kernel BTF for CO-RE relocation when /sys/kernel/btf/vmlinux is "
+                        "absent (e.g. a BTFHub file for this kernel)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",
+                       description="Attach, wait --duration seconds, print one JSON document "
+                                   "(schema_version, host, kernel, probes, pools) to stdout.")
+    d.add_argument("--duration", type=float, default=1.0, metavar="S",
+                   help="seconds to trace before the snapshot (default 1)")
+
+    sub.add_parser("probes", help="table of hooks: mechanism chosen, attached, reason",
+                   description="Load every BPF object as `dump` would and print, per hook, "
+                               "the attach mechanism chosen (tp_btf, raw_tp, tracepoint, "
+                               "fentry, kprobe), whether it attached, and why the others "
+                               "were passed over.")
+
+    m = sub.add_parser("demo", help="run the built-in veth + XDP + TCP workload",
+                       description="Create two network namespaces joined by a veth pair with "
+                                   "an XDP_PASS program on the receiver (so the kernel's "
+                                   "page_pool runs), push TCP through it, remove everything "
+                                   "on exit (Ctrl-C included).")
+    m.add_argument("--duration", type=float, default=30.0, metavar="S",
+                   help="seconds of traffic (default 30)")
+    return p
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .views import dump
+
+    with Session(btf_path=args.btf_path) as session:
+        time.sleep(args.duration)
+        snap = session.read()
+    print(dump.render(snap))
+    return 0
+
+
+def format_probes(rows: Sequence[probes.ProbeStatus]) -> str:
+    header = ("OBJECT", "HOOK", "MECHANISM", "ATTACHED", "REASON")
+    table = [header] + [
+        (r.object, r.hook, r.mechanism or "-", "yes" if r.attached else "no", r.reason or "-")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return "\n".join(
+        "  ".join(col.ljust(w) for col, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in table
+    )
+
+
+def _cmd_probes(args: argparse.Namespace) -> int:
+    with Session(btf_path=args.btf_path) as session:
+        print(format_probes(session.probe_status()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    demo.run_demo(args.duration)
+    return 0
+
+
+COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except (probes.SetupError, abi.AbiError, libbpf.LibbpfError) as exc:
+        print(f"netmemtrace: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Terminate):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

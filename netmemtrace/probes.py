@@ -1,0 +1,256 @@
+"""The probe catalogue: for every hook, the attach mechanisms it can use, the one chosen on
+this kernel, and why the others were not.
+
+Hooks are not listed by hand: each BPF program is named HOOK__MECH (see bpf/*.bpf.c), so the
+catalogue is read from the object itself. For each hook the first mechanism that loads and
+attaches wins, in the order of MECHANISMS. Static checks (the tracepoint or function exists)
+rule candidates out before loading; a candidate the verifier rejects or that fails to attach is
+recorded with its reason and the object is reloaded with the next one.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import libbpf
+
+# Preference order: typed BTF tracepoints are cheapest, classic tracepoints need tracefs,
+# fentry beats kprobe (no int3/trampoline-free entry, typed args).
+MECHANISMS = ("tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
+TRACEFS = Path("/sys/kernel/tracing")
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
+LOCKDOWN = Path("/sys/kernel/security/lockdown")
+
+
+class SetupError(RuntimeError):
+    """A precondition is missing; the message says what and how to fix it (exit code 2)."""
+
+
+@dataclass
+class Candidate:
+    mechanism: str
+    program: str
+    tracepoint: str  # "category/name" for tracepoints, the function name for function probes
+    failure: str | None = None
+
+
+@dataclass
+class Hook:
+    name: str
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Candidate | None = None
+    attached: bool = False
+
+    @property
+    def reason(self) -> str:
+        """Why the hook is off, or which better mechanisms were passed over and why."""
+        return "; ".join(f"{c.mechanism}: {c.failure}" for c in self.candidates if c.failure)
+
+    def next_candidate(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.failure is None), None)
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """One row of the `probes` table, as the snapshot carries it."""
+
+    object: str
+    hook: str
+    mechanism: str | None
+    attached: bool
+    reason: str
+
+
+def _section_target(section: str) -> tuple[str, str]:
+    mech, _, target = section.partition("/")
+    return mech, target
+
+
+def catalogue(obj: libbpf.Object) -> dict[str, Hook]:
+    hooks: dict[str, Hook] = {}
+    for prog in obj.programs.values():
+        hook_name, sep, mech = prog.name.rpartition("__")
+        if not sep or mech not in MECHANISMS:
+            continue  # helper programs (iterators, XDP) are not hooks
+        _, target = _section_target(prog.section)
+        hooks.setdefault(hook_name, Hook(hook_name)).candidates.append(
+            Candidate(mech, prog.name, target))
+    for hook in hooks.values():
+        hook.candidates.sort(key=lambda c: MECHANISMS.index(c.mechanism))
+    return hooks
+
+
+@functools.cache
+def _vmlinux_btf_strings() -> bytes:
+    try:
+        return VMLINUX_BTF.read_bytes()
+    except OSError:
+        return b""
+
+
+@functools.cache
+def _kallsyms() -> frozenset[str]:
+    try:
+        with open("/proc/kallsyms") as f:
+            return frozenset(line.split()[2] for line in f)
+    except OSError:
+        return frozenset()
+
+
+def _in_btf(name: str) -> bool:
+    # BTF's string section holds every type and function name NUL-terminated; a substring
+    # test is enough to know whether the kernel has it, without parsing 6 MB of BTF.
+    return b"\0" + name.encode() + b"\0" in _vmlinux_btf_strings()
+
+
+def _lockdown_mode() -> str | None:
+    try:
+        text = LOCKDOWN.read_text()
+    except OSError:
+        return None
+    mode = text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+    return mode if mode and mode != "none" else None
+
+
+def static_check(cand: Candidate, btf_path: str | None) -> str | None:
+    """Reason the candidate cannot work on this kernel, decided without loading anything."""
+    mech, target = cand.mechanism, cand.tracepoint
+    if mech in ("tp_btf", "raw_tp"):
+        name = target.rpartition("/")[2]
+        if VMLINUX_BTF.exists() and not _in_btf(f"btf_trace_{name}"):
+            return f"tracepoint {name} not in this kernel"
+        if mech == "tp_btf" and not VMLINUX_BTF.exists():
+            return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
+    elif mech == "tracepoint":
+        if not (TRACEFS / "events").is_dir():
+            return f"tracefs not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})"
+        if not (TRACEFS / "events" / target / "id").exists():
+            return f"tracepoint {target} not in this kernel"
+    elif mech in ("fentry", "kprobe"):
+        if target not in _kallsyms():
+            return f"symbol {target} not found in /proc/kallsyms"
+        if mech == "fentry" and not VMLINUX_BTF.exists():
+            return "fentry needs /sys/kernel/btf/vmlinux"
+        if mech == "kprobe" and not KPROBE_PMU.exists():
+            return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
+    return None
+
+
+def failure_reason(cand: Candidate, err: int, stage: str) -> str:
+    """A sentence for a load/attach error: what the errno means for this mechanism."""
+    name = errno.errorcode.get(err, str(err))
+    if cand.mechanism == "fentry" and err == errno.EPERM:
+        mode = _lockdown_mode()
+        why = f"lockdown={mode}" if mode else "kernel lockdown or LSM policy"
+        return f"fentry denied: EPERM ({why})"
+    if cand.mechanism == "kprobe" and stage == "attach" and not KPROBE_PMU.exists():
+        return "kprobes not supported by this kernel (CONFIG_KPROBES off)"
+    if stage == "load" and err in (errno.EINVAL, errno.EACCES):
+        return f"rejected by the verifier: {name}"
+    return f"{stage} failed: {name} ({os.strerror(err)})"
+
+
+class LoadedObject:
+    """A BPF object loaded with one mechanism per hook and every possible hook attached."""
+
+    def __init__(self, name: str, obj: libbpf.Object, hooks: dict[str, Hook]) -> None:
+        self.name = name
+        self.obj = obj
+        self.hooks = hooks
+
+    def status(self) -> list[ProbeStatus]:
+        return [
+            ProbeStatus(self.name, h.name, h.chosen.mechanism if h.chosen else None, h.attached,
+                        h.reason)
+            for h in self.hooks.values()
+        ]
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+def load_object(name: str, path: str, *, btf_path: str | None = None,
+                force: str | None = None, attach: bool = True,
+                max_entries: dict[str, int] | None = None) -> LoadedObject:
+    """Open, load and attach an object, falling back per hook to the next mechanism.
+
+    force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
+    "kprobe" to verifier-check function probes that cannot attach here).
+    """
+    probe_obj = libbpf.Object(path, btf_path)
+    hooks = catalogue(probe_obj)
+    probe_obj.close()
+    for hook in hooks.values():
+        for cand in hook.candidates:
+            if force and cand.mechanism != force:
+                cand.failure = f"not selected (forced {force})"
+            elif not force:
+                cand.failure = static_check(cand, btf_path)
+
+    # Each round loads one candidate per hook; a failure marks that candidate and retries.
+    rounds = sum(len(h.candidates) for h in hooks.values()) + 1
+    for _ in range(rounds):
+        obj = libbpf.Object(path, btf_path)
+        for tbl, n in (max_entries or {}).items():
+            obj.set_max_entries(tbl, n)
+        chosen = {h.name: h.next_candidate() for h in hooks.values()}
+        selected = {c.program for c in chosen.values() if c}
+        for prog in obj.programs.values():
+            is_hook = prog.name.rpartition("__")[2] in MECHANISMS
+            prog.set_autoload(prog.name in selected or not is_hook)
+        try:
+            obj.load()
+        except libbpf.LibbpfError as exc:
+            obj.close()
+            bad = libbpf.failed_program(exc.log, iter(selected))
+            if bad is None:
+                raise SetupError(f"cannot load {name}: {exc}\n{exc.log}") from exc
+            cand = next(c for c in chosen.values() if c and c.program == bad)
+            cand.failure = failure_reason(cand, exc.errno or errno.EINVAL, "load")
+            continue
+        retry = False
+        for hook in hooks.values():
+            hook.chosen, hook.attached = chosen[hook.name], False
+            if hook.chosen is None or not attach:
+                continue
+            try:
+                obj.attach(hook.chosen.program)
+                hook.attached = True
+            except libbpf.LibbpfError as exc:
+                hook.chosen.failure = failure_reason(hook.chosen, exc.errno or 0, "attach")
+                retry = retry or hook.next_candidate() is not None
+        if retry:
+            obj.close()
+            continue
+        return LoadedObject(name, obj, hooks)
+    raise SetupError(f"cannot load {name}: no mechanism combination loads")
+
+
+def check_privileges(btf_path: str | None = None) -> None:
+    """Raise SetupError naming what is missing to load and attach BPF programs."""
+    if btf_path and not os.path.exists(btf_path):
+        raise SetupError(f"--btf-path {btf_path}: no such file")
+    if not btf_path and not VMLINUX_BTF.exists():
+        raise SetupError(
+            "kernel BTF not found at /sys/kernel/btf/vmlinux: use a kernel built with "
+            "CONFIG_DEBUG_INFO_BTF=y, or pass --btf-path FILE (e.g. from BTFHub)")
+    caps = _effective_caps()
+    need = {"CAP_BPF": 39, "CAP_PERFMON": 38}
+    missing = [n for n, bit in need.items() if not caps >> bit & 1]
+    if missing and not caps >> 21 & 1:  # CAP_SYS_ADMIN covers both on older kernels
+        raise SetupError(
+            f"missing {' and '.join(missing)}: run as root (sudo netmemtrace ...) or grant "
+            "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN")
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
