@@ -72,8 +72,25 @@ static __always_inline void read_netdev(struct pool_info *info, struct net_devic
 }
 
 /*
- * Read what the pool says about itself. Drivers with a real netdev set slow.netdev
- * (6.8+); veth and others leave it NULL but set p.napi, whose dev is the netdev.
+ * p.dev is the DMA device: a PCI device for real NICs, but for software devices such as
+ * veth it is the struct device embedded in the net_device itself (class "net").
+ */
+static __always_inline struct net_device *netdev_of_device(struct device *dev)
+{
+	char cls[4] = {};
+
+	if (!dev)
+		return NULL;
+	bpf_probe_read_kernel_str(cls, sizeof(cls), BPF_CORE_READ(dev, class, name));
+	if (cls[0] != 'n' || cls[1] != 'e' || cls[2] != 't' || cls[3] != 0)
+		return NULL;
+	return (void *)dev - bpf_core_field_offset(struct net_device, dev);
+}
+
+/*
+ * Read what the pool says about itself. Drivers with a registered netdev set
+ * slow.netdev (6.8+); others set p.napi, whose dev is the netdev; veth sets neither
+ * and is found through p.dev.
  */
 static __always_inline void read_pool_info(struct pool_info *info, const struct page_pool *pool)
 {
@@ -95,6 +112,8 @@ static __always_inline void read_pool_info(struct pool_info *info, const struct 
 		dev = BPF_CORE_READ(pool, slow.netdev);
 	if (!dev && napi)
 		dev = BPF_CORE_READ(napi, dev);
+	if (!dev)
+		dev = netdev_of_device(BPF_CORE_READ(pool, p.dev));
 	read_netdev(info, dev);
 }
 

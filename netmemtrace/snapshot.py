@@ -35,7 +35,7 @@ class PoolSnapshot:
     pool_id: int | None            # kernel pool id (netlink), None before 6.8
     ifindex: int
     netdev: str | None
-    netns: str                    # netns name, or "net:[inode]" when unnamed
+    netns: str | None             # "host", an `ip netns` name, or "net:[inode]"
     napi_id: int | None
     provider: str                 # host / dmabuf / io_uring / unknown(...)
     page_order: int

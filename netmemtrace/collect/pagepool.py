@@ -90,7 +90,7 @@ class PagePoolReader:
     def read(self, now_ns: int, kernel_pools: dict[int, KernelPoolView] | Unavailable
              ) -> list[PoolSnapshot]:
         names = resolve.netns_names()
-        init_ino = resolve.init_netns_inode()
+        own_ino = resolve.own_netns_inode()
         links: dict[int, dict[int, str]] = {}
         infos = {int.from_bytes(k, "little"): abi.decode(self._info_t, v[0])
                  for k, v in self._info.items()}
@@ -101,23 +101,23 @@ class PagePoolReader:
             if info is None:
                 continue  # created between the two reads; next snapshot has it
             counters = sum_counters([abi.decode(self._counters_t, v) for v in per_cpu])
-            pools.append(self._pool(info, counters, now_ns, names, init_ino, links,
+            pools.append(self._pool(info, counters, now_ns, names, own_ino, links,
                                     kernel_pools, retired=False))
         for _key, vals in self._retired.items():
             r = abi.decode(self._retired_t, vals[0])
             counters = PoolCounters(tuple(r.holds), tuple(r.releases), r.info.release_hold,
                                     r.info.release_release, r.info.release_last_ns)
-            pools.append(self._pool(r.info, counters, now_ns, names, init_ino, links,
+            pools.append(self._pool(r.info, counters, now_ns, names, own_ino, links,
                                     kernel_pools, retired=True))
         return pools
 
     def _pool(self, info: ctypes.Structure, c: PoolCounters, now_ns: int,
-              names: dict[int, str], init_ino: int, links: dict[int, dict[int, str]],
+              names: dict[int, str], own_ino: int, links: dict[int, dict[int, str]],
               kernel_pools: dict[int, KernelPoolView] | Unavailable,
               retired: bool) -> PoolSnapshot:
         inflight = 0 if retired else inflight_pages(c, info)
         page_bytes = PAGE_SIZE << info.order
-        netns = resolve.netns_label(info.netns_ino, names, init_ino)
+        netns = resolve.netns_label(info.netns_ino, names, own_ino)
         netdev = info.ifname.decode(errors="replace") or None
         if not retired and info.ifindex:
             netdev = self._current_name(info, netns, links) or netdev
@@ -158,15 +158,15 @@ class PagePoolReader:
         )
 
     @staticmethod
-    def _current_name(info: ctypes.Structure, netns: str,
+    def _current_name(info: ctypes.Structure, netns: str | None,
                       links: dict[int, dict[int, str]]) -> str | None:
         # The name captured at pool creation survives deletion; a live link may have been
         # renamed since, so ask the netns (once per snapshot) for the current one.
         if info.netns_ino not in links:
-            ns = None if netns == "init" else netns
+            ns = None if netns == "host" else netns
             try:
-                links[info.netns_ino] = {} if netns.startswith("net:[") else \
-                    resolve.link_names(ns)
+                links[info.netns_ino] = {} if not netns or netns.startswith("net:[") \
+                    else resolve.link_names(ns)
             except OSError:
                 links[info.netns_ino] = {}
         return links[info.netns_ino].get(info.ifindex)

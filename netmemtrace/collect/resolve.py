@@ -12,8 +12,10 @@ from pyroute2 import IPRoute, netns
 PROVIDER_SYMBOLS = {"dmabuf_devmem_ops": "dmabuf", "io_uring_pp_zc_ops": "io_uring"}
 
 
-def init_netns_inode() -> int:
-    return os.stat("/proc/1/ns/net").st_ino
+def own_netns_inode() -> int:
+    """The netns netmemtrace runs in (the host's, for a daemon; /proc/1 may be unreadable
+    in containers and sandboxes, so it is not asked)."""
+    return os.stat("/proc/self/ns/net").st_ino
 
 
 def netns_names() -> dict[int, str]:
@@ -22,9 +24,11 @@ def netns_names() -> dict[int, str]:
     return {ino: name for names in by_dev.values() for ino, name in names.items()}
 
 
-def netns_label(ino: int, names: dict[int, str], init_ino: int) -> str:
-    if ino == init_ino:
-        return "init"
+def netns_label(ino: int, names: dict[int, str], own_ino: int) -> str | None:
+    if ino == 0:
+        return None  # the pool has no netdev to take a netns from
+    if ino == own_ino:
+        return "host"
     return names.get(ino, f"net:[{ino}]")
 
 

@@ -1,0 +1,102 @@
+"""Shared fixtures. Live tests (marker `live`) need root, BPF and network namespaces: they
+run here and in CI and fail loudly, never skip, when those are missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netmemtrace import abi, probes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def raw_tp_pagepool() -> Iterator[probes.LoadedObject]:
+    """pagepool.bpf.o with only its raw_tp programs loaded, unattached, for BPF_PROG_TEST_RUN."""
+    lo = probes.load_object("pagepool", str(abi.object_path("pagepool")), force="raw_tp",
+                            attach=False)
+    yield lo
+    lo.close()
+
+
+def bpf_prog_ids() -> set[int]:
+    """Ids of every BPF program loaded in the kernel, per bpftool (independent of us)."""
+    import json
+
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True,
+                         text=True).stdout
+    return {p["id"] for p in json.loads(out)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        for item in items:
+            if item.get_closest_marker("live"):
+                item.add_marker(pytest.mark.xfail(reason="live test needs root", run=True,
+                                                  strict=True))
+
+
+class TraceInstance:
+    """A private tracefs instance: the kernel's own record of tracepoint hits, independent of
+    netmemtrace's BPF programs (the ground truth for live tests)."""
+
+    ROOT = Path("/sys/kernel/tracing")
+
+    def __init__(self, *events: str) -> None:
+        if not (self.ROOT / "instances").is_dir():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.ROOT)], check=True)
+        self.path = self.ROOT / "instances" / f"nmt-test-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "buffer_size_kb").write_text("8192")
+        for event in events:
+            (self.path / "events" / event / "enable").write_text("1")
+
+    def lines(self) -> list[str]:
+        return (self.path / "trace").read_text().splitlines()
+
+    def close(self) -> None:
+        (self.path / "tracing_on").write_text("0")
+        for enable in self.path.glob("events/*/*/enable"):
+            if enable.read_text().strip() == "1":
+                enable.write_text("0")
+        self.path.rmdir()
+
+
+@pytest.fixture
+def trace_instance() -> Iterator[type[TraceInstance]]:
+    made: list[TraceInstance] = []
+
+    def make(*events: str) -> TraceInstance:
+        made.append(TraceInstance(*events))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for inst in made:
+        inst.close()
+
+
+def flush_deferred_skbs() -> None:
+    """Run a little loopback TCP on every CPU: freed skbs wait in per-CPU deferred-free lists
+    that only that CPU's RX softirq drains, and their page_pool pages with them."""
+    import socket
+
+    saved = os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(saved):
+            os.sched_setaffinity(0, {cpu})
+            with socket.create_server(("127.0.0.1", 0)) as srv:
+                cli = socket.create_connection(srv.getsockname())
+                conn, _ = srv.accept()
+                cli.sendall(b"x" * 65536)
+                got = 0
+                while got < 65536:
+                    got += len(conn.recv(65536))
+                conn.close()
+                cli.close()
+    finally:
+        os.sched_setaffinity(0, saved)
