@@ -28,7 +28,14 @@ class LibbpfError(OSError):
     def __init__(self, what: str, err: int, log: str = "") -> None:
         self.what = what
         self.log = log
-        super().__init__(err, f"{what}: {os.strerror(err)}")
+        # libbpf's own codes (LIBBPF_ERRNO__*) start at 4000; strerror knows none of them.
+        text = os.strerror(err) if err < 4000 else f"libbpf error {err}"
+        super().__init__(err, f"{what}: {text}")
+
+    def summary(self) -> str:
+        """One line: the error and libbpf's first words about it (the root cause)."""
+        lines = [ln.removeprefix("libbpf: ") for ln in self.log.splitlines() if ln.strip()]
+        return self.strerror + (f" ({'; '.join(lines[:2])})" if lines else "")
 
 
 def _load_library() -> ctypes.CDLL:

@@ -209,7 +209,7 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
             obj.close()
             bad = libbpf.failed_program(exc.log, iter(selected))
             if bad is None:
-                raise SetupError(f"cannot load {name}: {exc}\n{exc.log}") from exc
+                raise SetupError(f"cannot load {name}: {exc.summary()}") from exc
             cand = next(c for c in chosen.values() if c and c.program == bad)
             cand.failure = failure_reason(cand, exc.errno or errno.EINVAL, "load")
             continue

@@ -1,0 +1,144 @@
+"""The probe catalogue, mechanism fallback, verifier checks of function probes that cannot
+attach here, the `probes` table and the privilege error path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, bpf_prog_ids
+
+from netmemtrace import abi, libbpf, probes
+from netmemtrace.cli import format_probes
+
+OBJ = str(abi.object_path("pagepool"))
+
+
+def test_catalogue_is_read_from_program_names() -> None:
+    with libbpf.Object(OBJ) as obj:
+        hooks = probes.catalogue(obj)
+    assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
+        "tp_btf", "raw_tp", "tracepoint"]
+    assert [c.mechanism for c in hooks["page_pool_destroy"].candidates] == ["fentry", "kprobe"]
+    assert hooks["page_pool_release"].candidates[2].tracepoint == "page_pool/page_pool_release"
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("mechanism", ["kprobe", "raw_tp", "tracepoint", "tp_btf"])
+def test_every_variant_passes_the_verifier(mechanism: str) -> None:
+    """kprobe programs cannot attach on this kernel (CONFIG_KPROBES off) but must load."""
+    lo = probes.load_object("pagepool", OBJ, force=mechanism, attach=False)
+    try:
+        loaded = [h for h in lo.hooks.values() if h.chosen]
+        assert loaded, f"no {mechanism} program in the object"
+        for hook in loaded:
+            assert lo.obj.programs[hook.chosen.program].fd >= 0
+    finally:
+        lo.close()
+
+
+@pytest.mark.live
+def test_function_probe_falls_back_and_says_why() -> None:
+    lo = probes.load_object("pagepool", OBJ)
+    try:
+        rows = {r.hook: r for r in lo.status()}
+    finally:
+        lo.close()
+    assert rows["page_pool_state_hold"].attached
+    assert rows["page_pool_state_hold"].mechanism == "tp_btf"
+    destroy = rows["page_pool_destroy"]
+    # Here fentry is refused (lockdown) and kprobes are compiled out; a user's kernel attaches.
+    if not destroy.attached:
+        assert "fentry" in destroy.reason and "kprobe" in destroy.reason
+        assert "EPERM" in destroy.reason or "symbol" in destroy.reason
+        assert "CONFIG_KPROBES" in destroy.reason or "symbol" in destroy.reason
+
+
+def test_static_check_reasons(tmp_path, monkeypatch) -> None:
+    cand = probes.Candidate("tracepoint", "x__tracepoint", "page_pool/no_such_event")
+    monkeypatch.setattr(probes, "TRACEFS", tmp_path)
+    assert "tracefs not mounted" in probes.static_check(cand, None)
+    (tmp_path / "events").mkdir()
+    assert "not in this kernel" in probes.static_check(cand, None)
+    fn = probes.Candidate("kprobe", "x__kprobe", "no_such_function_in_kernel")
+    assert "not found in /proc/kallsyms" in probes.static_check(fn, None)
+
+
+def test_probes_table_format() -> None:
+    rows = [probes.ProbeStatus("pagepool", "page_pool_state_hold", "tp_btf", True, ""),
+            probes.ProbeStatus("pagepool", "page_pool_destroy", None, False,
+                               "kprobe: kprobes not supported")]
+    lines = format_probes(rows).splitlines()
+    assert lines[0].split() == ["OBJECT", "HOOK", "MECHANISM", "ATTACHED", "REASON"]
+    assert lines[1].split()[:4] == ["pagepool", "page_pool_state_hold", "tp_btf", "yes"]
+    assert lines[2].split()[:4] == ["pagepool", "page_pool_destroy", "-", "no"]
+    assert lines[2].endswith("kprobe: kprobes not supported")
+
+
+def _cli(*args: str, user: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "netmemtrace.cli", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+               "--inh-caps=-all", *cmd]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.live
+def test_cli_probes_table_lists_every_hook() -> None:
+    out = _cli("probes")
+    assert out.returncode == 0, out.stderr
+    for hook in ("page_pool_state_hold", "page_pool_state_release", "page_pool_release",
+                 "page_pool_update_nid", "page_pool_destroy"):
+        assert hook in out.stdout
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("command", ["dump", "probes"])
+def test_unprivileged_gets_one_line_and_exit_2(command: str) -> None:
+    out = _cli(command, user="65534")
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "CAP_BPF" in out.stderr and "root" in out.stderr
+
+
+def test_missing_btf_path_is_a_clear_error() -> None:
+    out = _cli("--btf-path", "/nonexistent/vmlinux", "dump")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "netmemtrace: --btf-path /nonexistent/vmlinux: no such file"
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_detaches_everything(sig: str) -> None:
+    """No program or link left behind after Ctrl-C / SIGTERM (bpftool before/after)."""
+    import signal
+    import time
+
+    before = bpf_prog_ids()
+    proc = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump", "--duration",
+                             "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while len(bpf_prog_ids() - before) < 4:  # the four tracepoint hooks attached
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=5) == 0
+    assert bpf_prog_ids() - before == set()
+
+
+@pytest.mark.live
+def test_btf_path_is_used_for_core(tmp_path) -> None:
+    import shutil
+
+    good = tmp_path / "vmlinux"
+    shutil.copy("/sys/kernel/btf/vmlinux", good)
+    out = _cli("--btf-path", str(good), "probes")
+    assert out.returncode == 0, out.stderr
+    bad = tmp_path / "garbage"
+    bad.write_bytes(b"not btf" * 100)
+    out = _cli("--btf-path", str(bad), "probes")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "cannot load pagepool" in out.stderr and "BTF" in out.stderr
