@@ -103,3 +103,19 @@ def test_update_nid_changes_the_pool_node(raw_tp_pagepool) -> None:
     run(lo, "page_pool_state_hold", POOL_A, PAGE, 1)
     run(lo, "page_pool_update_nid", POOL_A, 1)  # TP_PROTO(pool, new_nid)
     assert pools_by_addr(lo)[POOL_A].numa_node == 1
+
+
+def test_released_pool_is_forgotten_after_retention(raw_tp_pagepool) -> None:
+    import time
+
+    from netmemtrace.collect.pagepool import RETAIN_RELEASED_NS
+
+    lo = raw_tp_pagepool
+    run(lo, "page_pool_state_hold", POOL_B, PAGE, 1)
+    run(lo, "page_pool_state_release", POOL_B, PAGE, 1)
+    run(lo, "page_pool_release", POOL_B, 0, 1, 1)
+    reader = PagePoolReader(lo.obj)
+    now = time.monotonic_ns()
+    assert [p.state for p in reader.read(now, {})] == ["released"]
+    assert reader.read(now + RETAIN_RELEASED_NS + 10**9, {}) == []
+    assert lo.obj.map("retired_pools").items() == []

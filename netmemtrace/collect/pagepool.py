@@ -14,6 +14,7 @@ from . import resolve
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _U32 = 1 << 32
+RETAIN_RELEASED_NS = 600 * 10**9
 
 
 def serial_max(values: Iterable[int]) -> int | None:
@@ -103,8 +104,12 @@ class PagePoolReader:
             counters = sum_counters([abi.decode(self._counters_t, v) for v in per_cpu])
             pools.append(self._pool(info, counters, now_ns, names, own_ino, links,
                                     kernel_pools, retired=False))
-        for _key, vals in self._retired.items():
+        for key, vals in self._retired.items():
             r = abi.decode(self._retired_t, vals[0])
+            if now_ns - r.info.release_last_ns > RETAIN_RELEASED_NS:
+                # Bounded memory: a freed pool is reported for a while, then forgotten.
+                self._retired.delete(ctypes.create_string_buffer(key, len(key)))
+                continue
             counters = PoolCounters(tuple(r.holds), tuple(r.releases), r.info.release_hold,
                                     r.info.release_release, r.info.release_last_ns)
             pools.append(self._pool(r.info, counters, now_ns, names, own_ino, links,
