@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import __version__, abi, libbpf, probes
+from . import __version__, abi, demo, libbpf, probes
 from .session import Session
 
 EPILOG = """\
@@ -95,8 +95,6 @@ def _cmd_probes(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
-
     demo.run_demo(args.duration)
     return 0
 
@@ -109,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
-    except (probes.SetupError, abi.AbiError, libbpf.LibbpfError) as exc:
+    except (probes.SetupError, abi.AbiError, libbpf.LibbpfError, demo.DemoError) as exc:
         print(f"netmemtrace: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, _Terminate):

@@ -3,7 +3,6 @@ attach here, the `probes` table and the privilege error path."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
