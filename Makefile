@@ -12,9 +12,11 @@ BPF_ABI := $(BPF_OBJS:.o=.json)
 .PHONY: run test build deps venv lint bench clean
 
 run: build
-	# The main job: the demo workload (veth + XDP + TCP) with the tool watching it.
-	$(PY) -m netmemtrace.cli demo --duration 6 & demo=$$!; \
-	sleep 2; $(PY) -m netmemtrace.cli dump --duration 3; rc=$$?; wait $$demo; exit $$rc
+	# The main job: netmemtrace attached first, then the demo workload (veth + XDP + TCP)
+	# creates its page pool under it; the JSON snapshot shows that pool's real figures.
+	$(PY) -m netmemtrace.cli dump --duration 8 & dump=$$!; \
+	sleep 1; $(PY) -m netmemtrace.cli demo --duration 5; demo_rc=$$?; \
+	wait $$dump; rc=$$?; [ $$demo_rc -eq 0 ] && exit $$rc || exit $$demo_rc
 
 test: build
 	$(PY) -m ruff check netmemtrace tests bench
