@@ -19,7 +19,7 @@ run: build
 	wait $$dump; rc=$$?; [ $$demo_rc -eq 0 ] && exit $$rc || exit $$demo_rc
 
 test: build
-	$(PY) -m ruff check netmemtrace tests bench
+	$(PY) -m ruff check netmemtrace tests $(wildcard bench)
 	$(PY) -m pytest -v -rs
 
 build: deps venv $(BPF_OBJS) $(BPF_ABI)
@@ -55,7 +55,7 @@ netmemtrace/bpfobj/%.bpf.json: netmemtrace/bpfobj/%.bpf.o
 	bpftool btf dump file $< -j > $@
 
 lint: venv
-	$(PY) -m ruff check netmemtrace tests bench
+	$(PY) -m ruff check netmemtrace tests $(wildcard bench)
 
 bench: build
 	$(PY) bench/run_all.py
