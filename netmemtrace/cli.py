@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import __version__, abi, demo, libbpf, probes
+from . import __version__, abi, caps, demo, libbpf, probes
 from .session import Session
 
 EPILOG = """\
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                     "recycling per NIC queue, memcg socket memory, zerocopy.",
         epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"netmemtrace {__version__}")
+    p.add_argument("--keep-caps", action="store_true",
+                   help="keep every capability after attach (default: drop all but "
+                        "CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_NET_ADMIN)")
     p.add_argument("--btf-path", metavar="FILE",
                    help="kernel BTF for CO-RE relocation when /sys/kernel/btf/vmlinux is "
                         "absent (e.g. a BTFHub file for this kernel)")
@@ -65,10 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def open_session(args: argparse.Namespace) -> Session:
+    """Attach everything, then drop the capabilities reading no longer needs."""
+    session = Session(btf_path=args.btf_path)
+    if not args.keep_caps:
+        try:
+            caps.drop_after_attach()
+        except OSError as exc:
+            session.close()
+            raise probes.SetupError(f"cannot drop capabilities after attach: {exc} "
+                                    "(use --keep-caps)") from exc
+    return session
+
+
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .views import dump
 
-    with Session(btf_path=args.btf_path) as session:
+    with open_session(args) as session:
         time.sleep(args.duration)
         snap = session.read()
     print(dump.render(snap))

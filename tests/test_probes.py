@@ -141,3 +141,26 @@ def test_btf_path_is_used_for_core(tmp_path) -> None:
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "cannot load pagepool" in out.stderr and "BTF" in out.stderr
+
+
+@pytest.mark.live
+def test_capabilities_dropped_after_attach() -> None:
+    import time
+
+    from netmemtrace import caps
+
+    proc = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump", "--duration",
+                             "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    want = sum(1 << c for c in caps.KEEP)
+    eff = None
+    while eff != want and time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        eff = int(status["CapEff"], 16)
+        time.sleep(0.05)
+    assert eff == want
+    assert int(status["CapBnd"], 16) == want
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert b'"pools"' in out
