@@ -117,9 +117,16 @@ def _lockdown_mode() -> str | None:
     return mode if mode and mode != "none" else None
 
 
+# Mechanisms this kernel refuses outright (e.g. fentry under lockdown), learnt from the first
+# refusal: later objects skip them instead of paying a failed load and a reload each.
+_denied_mechanisms: dict[str, str] = {}
+
+
 def static_check(cand: Candidate, btf_path: str | None) -> str | None:
     """Reason the candidate cannot work on this kernel, decided without loading anything."""
     mech, target = cand.mechanism, cand.tracepoint
+    if mech in _denied_mechanisms:
+        return _denied_mechanisms[mech]
     if mech in ("tp_btf", "raw_tp"):
         name = target.rpartition("/")[2]
         if VMLINUX_BTF.exists() and not _in_btf(f"btf_trace_{name}"):
@@ -212,6 +219,12 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
                 raise SetupError(f"cannot load {name}: {exc.summary()}") from exc
             cand = next(c for c in chosen.values() if c and c.program == bad)
             cand.failure = failure_reason(cand, exc.errno or errno.EINVAL, "load")
+            if cand.mechanism == "fentry" and exc.errno == errno.EPERM:
+                # Not this program's fault: no fentry program can load on this kernel.
+                _denied_mechanisms["fentry"] = cand.failure
+                for other in (c for h in hooks.values() for c in h.candidates):
+                    if other.mechanism == "fentry" and other.failure is None:
+                        other.failure = cand.failure
             continue
         retry = False
         for hook in hooks.values():

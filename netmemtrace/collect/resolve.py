@@ -3,10 +3,15 @@ memory provider ops address -> provider kind (kallsyms)."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import threading
 
 from pyroute2 import IPRoute, netns
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # Memory provider ops symbols (net/core/devmem.c, io_uring/zcrx.c) and what they mean.
 PROVIDER_SYMBOLS = {"dmabuf_devmem_ops": "dmabuf", "io_uring_pp_zc_ops": "io_uring"}
@@ -33,8 +38,40 @@ def netns_label(ino: int, names: dict[int, str], own_ino: int) -> str | None:
 
 
 def link_names(ns_name: str | None) -> dict[int, str]:
-    """ifindex -> current netdev name inside a netns (None: ours)."""
-    with IPRoute(netns=ns_name) if ns_name else IPRoute() as ipr:
+    """ifindex -> current netdev name inside a netns (None: ours).
+
+    pyroute2's IPRoute(netns=...) forks a helper process, which inherits our signal
+    handlers, locks and BPF fds; a fork per refresh is also slow. Instead a short-lived
+    thread joins the netns (setns changes only the calling thread) and opens its netlink
+    socket there.
+    """
+    if ns_name is None:
+        return _links_here()
+    result: list[dict[int, str] | BaseException] = []
+
+    def in_netns() -> None:
+        try:
+            fd = os.open(os.path.join(netns.NETNS_RUN_DIR, ns_name), os.O_RDONLY)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns_name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(_links_here())
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    thread = threading.Thread(target=in_netns, name=f"netns-{ns_name}")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _links_here() -> dict[int, str]:
+    with IPRoute() as ipr:
         return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
