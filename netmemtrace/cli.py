@@ -9,13 +9,14 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import __version__, abi, caps, demo, libbpf, probes
-from .session import Session
+from . import __version__, abi, demo, libbpf, probes, topcmd
+from .session import open_session
 
 EPILOG = """\
 examples:
   sudo netmemtrace dump --duration 5      JSON of every page pool seen in 5 s
   sudo netmemtrace probes                 which hook attached with which mechanism, and why not
+  sudo netmemtrace top                    live view; --batch --count N for logs
   sudo netmemtrace demo --duration 30     veth + XDP + TCP traffic so page pools really run
 
 Needs root (or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN) and kernel BTF
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
                                "fentry, kprobe), whether it attached, and why the others "
                                "were passed over.")
 
+    t = sub.add_parser("top", help="live terminal view: page pools and memory cgroups",
+                       description="Full-screen view refreshed every --interval seconds. "
+                                   "Keys: q quit, s/S sort column/reverse, / filter, tab "
+                                   "switch table, p pause. --batch prints plain-text frames "
+                                   "instead (logs, scripts).")
+    topcmd.add_arguments(t)
+
     m = sub.add_parser("demo", help="run the built-in veth + XDP + TCP workload",
                        description="Create two network namespaces joined by a veth pair with "
                                    "an XDP_PASS program on the receiver (so the kernel's "
@@ -66,19 +74,6 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--duration", type=float, default=30.0, metavar="S",
                    help="seconds of traffic (default 30)")
     return p
-
-
-def open_session(args: argparse.Namespace) -> Session:
-    """Attach everything, then drop the capabilities reading no longer needs."""
-    session = Session(btf_path=args.btf_path)
-    if not args.keep_caps:
-        try:
-            caps.drop_after_attach()
-        except OSError as exc:
-            session.close()
-            raise probes.SetupError(f"cannot drop capabilities after attach: {exc} "
-                                    "(use --keep-caps)") from exc
-    return session
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
@@ -105,7 +100,7 @@ def format_probes(rows: Sequence[probes.ProbeStatus]) -> str:
 
 
 def _cmd_probes(args: argparse.Namespace) -> int:
-    with Session(btf_path=args.btf_path) as session:
+    with open_session(args) as session:
         print(format_probes(session.probe_status()))
     return 0
 
@@ -115,7 +110,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "demo": _cmd_demo}
+COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "top": topcmd.run, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

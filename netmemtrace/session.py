@@ -3,13 +3,14 @@ the maps into one immutable Snapshot per read(). The only place views' data come
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import abi, libbpf, probes
+from . import abi, caps, libbpf, probes
 from .collect import netlink
 from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
@@ -102,3 +103,17 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_session(args: argparse.Namespace) -> Session:
+    """Attach everything per the common CLI options, then drop the capabilities reading no
+    longer needs (unless --keep-caps)."""
+    session = Session(btf_path=args.btf_path)
+    if not args.keep_caps:
+        try:
+            caps.drop_after_attach()
+        except OSError as exc:
+            session.close()
+            raise probes.SetupError(f"cannot drop capabilities after attach: {exc} "
+                                    "(use --keep-caps)") from exc
+    return session

@@ -1,0 +1,505 @@
+"""`netmemtrace top`: the live terminal view of page pools and memory cgroups.
+
+Everything up to the text lines of a frame is pure (Snapshots and view state in, rows and
+lines out), so it is tested without a terminal; the curses loop and the batch loop only
+schedule snapshots, draw lines and read keys. Snapshots come from a callable: views never
+touch BPF.
+
+curses from the standard library rather than rich or textual: nothing to install on the host
+an on-call engineer logs into, and no import cost in the budget of one second from start to
+first frame, of which attaching the probes already takes half. The tables are plain columns,
+which curses draws as well as anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import curses
+import locale
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from ..snapshot import MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
+
+UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
+SORT_MARK = "*"        # after the title of the column the table is sorted by
+MARK = "!"             # first column of a highlighted (zombie) row, in batch text as on screen
+FRAME_START = "netmemtrace top - "
+ESC = "\x1b"
+NO_MEMCG = "memcg tracking not available: see errors and `netmemtrace probes`"
+FOOTER_KEYS = "q quit  s/S sort column/reverse  / filter  tab switch table  p pause"
+
+SortKey = float | str
+Read = Callable[[], Snapshot]
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    key: SortKey | None = None  # None: unknown, sorts last in either direction
+
+
+@dataclass(frozen=True)
+class Row:
+    cells: tuple[Cell, ...]
+    highlight: bool = False
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    right: bool = False  # numbers are right-aligned
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple[Column, ...]
+    rows: tuple[Row, ...]
+    note: str | None = None  # shown when there are no rows, saying why
+
+
+@dataclass
+class TableState:
+    sort_col: int  # taken modulo the column count: `s` only ever increments it
+    reverse: bool
+    filter: str = ""
+
+
+@dataclass
+class ViewState:
+    # Largest first: page pools by inflight pages, memory cgroups by socket memory now.
+    tables: list[TableState] = field(
+        default_factory=lambda: [TableState(POOL_COLUMNS.index(INFLIGHT), True),
+                                 TableState(MEMCG_COLUMNS.index(SOCK_NOW), True)])
+    focus: int = 0
+    paused: bool = False
+    editing: str | None = None  # filter text being typed in the footer, None when not typing
+
+
+# ---- formatting -------------------------------------------------------------------------
+
+def human_count(x: float) -> str:
+    """12, 1.5, 12.3k, 4.0M: compact enough for a rate column."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.1f}" if x and abs(x) < 10 and x != int(x) else f"{x:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if abs(n) >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return f"{n:.0f}B"
+
+
+def human_duration(ns: int) -> str:
+    s = ns / 1e9
+    if s < 1:
+        return f"{ns // 1_000_000}ms"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m{s % 60:02.0f}s"
+    return f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m"
+
+
+def _number(value: int | float | None | Unavailable,
+            fmt: Callable[[float], str] = str) -> Cell:
+    if value is None or isinstance(value, Unavailable):
+        return Cell("n/a" if isinstance(value, Unavailable) else UNKNOWN)
+    return Cell(fmt(value), float(value))
+
+
+# ---- page pools -------------------------------------------------------------------------
+
+PoolId = tuple[int, int]
+INFLIGHT = Column("INFLIGHT", True)
+POOL_COLUMNS = (
+    Column("NETDEV"), Column("NETNS"), Column("POOL", True), Column("NAPI", True),
+    Column("PROVIDER"), Column("MEM"), INFLIGHT, Column("BYTES", True),
+    Column("HOLD/s", True), Column("REL/s", True), Column("STATE"),
+)
+
+
+def pool_identity(pool: PoolSnapshot, snap: Snapshot) -> PoolId:
+    """Address and first-seen time: a freed pool's address is reused, and a retired pool and
+    its successor at the same address can both be in one snapshot."""
+    return pool.pool_addr, snap.taken_monotonic_ns - pool.first_seen_age_ns
+
+
+def _holds(p: PoolSnapshot) -> int:
+    return p.hold_pages_total + p.hold_net_iovs_total
+
+
+def _releases(p: PoolSnapshot) -> int:
+    return p.release_pages_total + p.release_net_iovs_total
+
+
+def pool_rates(cur: Snapshot, prev: Snapshot | None) -> dict[PoolId, tuple[float, float]]:
+    """(holds/s, releases/s) per pool over the time between two snapshots' reads.
+
+    A pool first seen after the previous snapshot was taken counted every event within the
+    interval; one that is older but absent from it (map full then) has no known rate.
+    """
+    if prev is None or cur.taken_monotonic_ns <= prev.taken_monotonic_ns:
+        return {}
+    dt_s = (cur.taken_monotonic_ns - prev.taken_monotonic_ns) / 1e9
+    before = {pool_identity(p, prev): p for p in prev.pools}
+    rates = {}
+    for p in cur.pools:
+        ident = pool_identity(p, cur)
+        old = before.get(ident)
+        if old is None and ident[1] < prev.taken_monotonic_ns:
+            continue
+        holds0, releases0 = (_holds(old), _releases(old)) if old else (0, 0)
+        if _holds(p) >= holds0 and _releases(p) >= releases0:
+            rates[ident] = ((_holds(p) - holds0) / dt_s, (_releases(p) - releases0) / dt_s)
+    return rates
+
+
+def memory_kind(p: PoolSnapshot) -> str:
+    """page or net_iov: what the pool's events carried, else what its provider hands out
+    (memory providers, dmabuf and io_uring, give net_iovs only)."""
+    seen = [k for k, n in (("page", p.hold_pages_total + p.release_pages_total),
+                           ("net_iov", p.hold_net_iovs_total + p.release_net_iovs_total)) if n]
+    if seen:
+        return "+".join(seen)
+    return "page" if p.provider == "host" else "net_iov"
+
+
+def _state(p: PoolSnapshot) -> Cell:
+    if p.state == "zombie" and p.zombie_age_ns is not None:
+        return Cell(f"zombie {human_duration(p.zombie_age_ns)}", p.state)
+    return Cell(p.state, p.state)
+
+
+def pool_row(p: PoolSnapshot, rates: tuple[float, float] | None) -> Row:
+    hold_rate, release_rate = rates if rates else (None, None)
+    return Row((
+        Cell(p.netdev or UNKNOWN, p.netdev or None),
+        Cell(p.netns or UNKNOWN, p.netns or None),
+        _number(p.pool_id),
+        _number(p.napi_id),
+        Cell(p.provider, p.provider),
+        Cell(memory_kind(p), memory_kind(p)),
+        _number(p.inflight_pages),
+        _number(p.inflight_bytes, human_bytes),
+        _number(hold_rate, human_count),
+        _number(release_rate, human_count),
+        _state(p),
+    ), highlight=p.state == "zombie")
+
+
+def pool_table(cur: Snapshot, prev: Snapshot | None) -> Table:
+    rates = pool_rates(cur, prev)
+    rows = tuple(pool_row(p, rates.get(pool_identity(p, cur))) for p in cur.pools)
+    return Table("PAGE POOLS", POOL_COLUMNS, rows,
+                 note=None if rows else "no page pool event seen since attach")
+
+
+# ---- memory cgroups ---------------------------------------------------------------------
+
+SOCK_NOW = Column("SOCK_NOW", True)
+MEMCG_COLUMNS = (
+    Column("MEMCG"), Column("CONTAINER"), SOCK_NOW,
+    Column("CHARGED_PG", True), Column("ZC_MAPPED", True), Column("ZC_COPIED", True),
+    Column("UNACCT_ZC", True), Column("WOULD_BE", True),
+)
+
+
+def _who(m: MemcgSnapshot) -> str:
+    """The workload behind the memcg: pod and container, else the systemd unit."""
+    if m.pod_uid or m.container_id:
+        return "/".join(x[:12] for x in (m.pod_uid, m.container_id) if x)
+    return m.systemd_unit or UNKNOWN
+
+
+def memcg_row(m: MemcgSnapshot) -> Row:
+    path = m.path if m.path is not None else f"(deleted) id {m.cgroup_id}"
+    return Row((
+        Cell(path, path),
+        Cell(_who(m), _who(m)),
+        _number(m.sock_charged_now_bytes, human_bytes),
+        _number(m.sock_charged_pages_total),
+        _number(m.zerocopy.rx_mapped_bytes, human_bytes),
+        _number(m.zerocopy.rx_copied_bytes, human_bytes),
+        _number(m.zerocopy_unaccounted_bytes, human_bytes),
+        _number(m.would_be_charged_bytes, human_bytes),
+    ))
+
+
+def memcg_table(snap: Snapshot) -> Table:
+    if snap.memcg_self_stats is None:  # the memcg collector did not report this round
+        note = NO_MEMCG
+    else:
+        note = "no memory cgroup with socket memory or zerocopy seen yet"
+    return Table("MEMORY CGROUPS", MEMCG_COLUMNS, tuple(memcg_row(m) for m in snap.memcgs),
+                 note=None if snap.memcgs else note)
+
+
+# ---- sorting, filtering, layout -----------------------------------------------------------
+
+def sort_column(table: Table, state: TableState) -> int:
+    return state.sort_col % len(table.columns)
+
+
+def visible_rows(table: Table, state: TableState) -> list[Row]:
+    """Rows matching the filter (case-insensitive, anywhere in the row), sorted."""
+    needle = state.filter.casefold()
+    rows = [r for r in table.rows
+            if needle in "  ".join(c.text for c in r.cells).casefold()]
+    col = sort_column(table, state)
+    known = [r for r in rows if r.cells[col].key is not None]
+    unknown = [r for r in rows if r.cells[col].key is None]
+
+    def key(r: Row) -> tuple[int, SortKey]:
+        k = r.cells[col].key
+        # Numbers before text should a column ever mix them, so the comparison never fails.
+        return (0, k) if isinstance(k, float) else (1, str(k))
+
+    return sorted(known, key=key, reverse=state.reverse) + unknown
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    header: str
+    rows: list[tuple[str, bool]]  # (text, highlighted)
+    note: str | None
+
+
+def _join(cells: Sequence[str], columns: Sequence[Column], widths: Sequence[int],
+          marker: str) -> str:
+    parts = [c.rjust(w) if col.right else c.ljust(w)
+             for c, col, w in zip(cells, columns, widths, strict=True)]
+    return f"{marker} " + "  ".join(parts).rstrip()
+
+
+def section(table: Table, state: TableState, focused: bool) -> Section:
+    rows = visible_rows(table, state)
+    col = sort_column(table, state)
+    titles = [c.title + SORT_MARK * (i == col) for i, c in enumerate(table.columns)]
+    widths = [max([len(t)] + [len(r.cells[i].text) for r in rows]) for i, t in enumerate(titles)]
+    shown = f"{len(rows)} of {len(table.rows)}" if state.filter else f"{len(table.rows)}"
+    title = f"{'>' if focused else ' '} {table.title} ({shown})"
+    if state.filter:
+        title += f"  filter: {state.filter}"
+    title += f"  sort: {table.columns[col].title} {'desc' if state.reverse else 'asc'}"
+    note = table.note if not table.rows else None if rows else "no row matches the filter"
+    return Section(
+        title=title,
+        header=_join(titles, table.columns, widths, " "),
+        rows=[(_join([c.text for c in r.cells], table.columns, widths,
+                     MARK if r.highlight else " "), r.highlight) for r in rows],
+        note=note,
+    )
+
+
+def lost_events(snap: Snapshot) -> dict[str, int]:
+    """Events the BPF side had to drop since attach, by cause: the figures undercount."""
+    st, ms = snap.self_stats, snap.memcg_self_stats
+    lost = {"pool map full": st.pool_map_full_total,
+            "retired map full": st.retired_map_full_total}
+    if ms is not None:
+        lost |= {"zerocopy ring buffer full": ms.ringbuf_lost_events,
+                 "zerocopy syscalls untracked": ms.pending_full,
+                 "process map full": ms.proc_map_full, "memcg map full": ms.memcg_map_full}
+    return lost
+
+
+def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str]:
+    clock = time.strftime("%H:%M:%S", time.localtime(cur.taken_unix_s))
+    span = (f"rates over {(cur.taken_monotonic_ns - prev.taken_monotonic_ns) / 1e9:.1f}s"
+            if prev else "rates from the next refresh")
+    first = f"{FRAME_START}{clock}  host {cur.host}  kernel {cur.kernel_release}  {span}"
+    missing = [p.hook for p in cur.probes if not p.attached]
+    probes = f"probes {len(cur.probes) - len(missing)}/{len(cur.probes)} attached"
+    if missing:
+        probes += f", missing: {', '.join(missing)} (why: netmemtrace probes)"
+    lost = {name: n for name, n in lost_events(cur).items() if n}
+    detail = f" ({', '.join(f'{k} {v}' for k, v in lost.items())})" if lost else ""
+    return [
+        first + ("  PAUSED" if paused else ""),
+        probes,
+        f"lost events {sum(lost.values())}{detail}  snapshot built in "
+        f"{cur.self_stats.snapshot_build_ns / 1e6:.1f} ms",
+        "errors: " + ("; ".join(cur.errors) if cur.errors else "none"),
+    ]
+
+
+def sections(cur: Snapshot, prev: Snapshot | None, view: ViewState) -> list[Section]:
+    tables = (pool_table(cur, prev), memcg_table(cur))
+    return [section(t, s, i == view.focus)
+            for i, (t, s) in enumerate(zip(tables, view.tables, strict=True))]
+
+
+def footer(view: ViewState) -> str:
+    if view.editing is not None:
+        return f"filter: {view.editing}_   Enter apply  Esc clear"
+    return FOOTER_KEYS + ("   [paused]" if view.paused else "")
+
+
+def batch_frame(cur: Snapshot, prev: Snapshot | None, view: ViewState) -> str:
+    lines = header_lines(cur, prev, view.paused)
+    for sec in sections(cur, prev, view):
+        lines += ["", sec.title, sec.header] + [text for text, _ in sec.rows]
+        if sec.note:
+            lines.append(f"  ({sec.note})")
+    return "\n".join(lines)
+
+
+# ---- keys -------------------------------------------------------------------------------
+
+ENTER_KEYS = ("\n", "\r", curses.KEY_ENTER)
+BACKSPACE_KEYS = ("\x7f", "\b", curses.KEY_BACKSPACE)
+
+
+def handle_key(view: ViewState, key: str | int) -> bool:
+    """Apply one key press to the view state; True means quit."""
+    table = view.tables[view.focus]
+    if view.editing is not None:
+        if key in ENTER_KEYS:
+            table.filter, view.editing = view.editing, None
+        elif key == ESC:
+            table.filter, view.editing = "", None
+        elif key in BACKSPACE_KEYS:
+            view.editing = view.editing[:-1]
+        elif isinstance(key, str) and key.isprintable():
+            view.editing += key
+        return False
+    if key == "q":
+        return True
+    if key == "s":
+        table.sort_col += 1
+    elif key == "S":
+        table.reverse = not table.reverse
+    elif key == "/":
+        view.editing = ""
+    elif key == ESC:
+        table.filter = ""
+    elif key == "\t":
+        view.focus = (view.focus + 1) % len(view.tables)
+    elif key == "p":
+        view.paused = not view.paused
+    return False
+
+
+# ---- screen layout ----------------------------------------------------------------------
+
+NORMAL, TITLE, DIM, HEADER, HIGHLIGHT = range(5)
+
+
+def fit_rows(counts: Sequence[int], room: int) -> list[int]:
+    """Rows each table may show in ``room`` lines: the smaller tables first get all they
+    need, the rest is shared evenly, so one long table cannot hide the other."""
+    give = [0] * len(counts)
+    left = max(room, 0)
+    order = sorted(range(len(counts)), key=lambda i: counts[i])
+    for n, i in enumerate(order):
+        give[i] = min(counts[i], left // (len(order) - n))
+        left -= give[i]
+    return give
+
+
+def screen_lines(cur: Snapshot, prev: Snapshot | None, view: ViewState,
+                 height: int) -> list[tuple[str, int]]:
+    """The frame as (text, style) lines fitting ``height``, footer on the last line."""
+    lines = [(text, NORMAL) for text in header_lines(cur, prev, view.paused)]
+    secs = sections(cur, prev, view)
+    fixed = len(lines) + 1 + sum(3 + bool(s.note) for s in secs)
+    room = fit_rows([len(s.rows) for s in secs], height - fixed)
+    for i, (sec, n) in enumerate(zip(secs, room, strict=True)):
+        hidden = len(sec.rows) - n
+        lines += [("", NORMAL), (sec.title + (f"  ({hidden} more below)" if hidden else ""),
+                                 TITLE if i == view.focus else DIM),
+                  (sec.header, HEADER)]
+        lines += [(text, HIGHLIGHT if hl else NORMAL) for text, hl in sec.rows[:n]]
+        if sec.note:
+            lines.append((f"  ({sec.note})", DIM))
+    lines = lines[:max(height - 1, 0)]
+    return lines + [("", NORMAL)] * (height - 1 - len(lines)) + [(footer(view), HEADER)]
+
+
+# ---- loops ------------------------------------------------------------------------------
+
+def run_batch(read: Read, first: Snapshot, interval_s: float, count: int | None,
+              out: IO[str] = sys.stdout) -> None:
+    """Print ``count`` frames (forever if None), ``interval_s`` apart, like `top -b`."""
+    view = ViewState()
+    prev, cur = None, first
+    frames = 1
+    next_at = time.monotonic() + interval_s
+    while True:
+        try:
+            print(batch_frame(cur, prev, view) + "\n", file=out, flush=True)
+        except BrokenPipeError:
+            # The reader is gone (`top --batch | head`): stop quietly, like `top -b`. stdout
+            # now points at /dev/null, or the flush at exit would report the pipe again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            return
+        if count is not None and frames >= count:
+            return
+        time.sleep(max(next_at - time.monotonic(), 0))
+        next_at = max(next_at + interval_s, time.monotonic())
+        prev, cur = cur, read()
+        frames += 1
+
+
+def _draw(scr: curses.window, lines: Iterable[tuple[str, int]]) -> None:
+    attrs = {NORMAL: curses.A_NORMAL, TITLE: curses.A_BOLD, DIM: curses.A_DIM,
+             HEADER: curses.A_REVERSE, HIGHLIGHT: curses.A_REVERSE | curses.A_BOLD}
+    _, width = scr.getmaxyx()
+    scr.erase()
+    for y, (text, style) in enumerate(lines):
+        # One column short of the edge: curses raises when writing the bottom-right cell.
+        scr.addnstr(y, 0, text, max(width - 1, 0), attrs[style])
+    scr.refresh()
+
+
+def _interactive(scr: curses.window, read: Read, first: Snapshot, interval_s: float,
+                 count: int | None) -> None:
+    with contextlib.suppress(curses.error):  # terminals without cursor visibility control
+        curses.curs_set(0)
+    curses.set_escdelay(25)  # Esc clears the filter at once, not after curses' default 1 s
+    view = ViewState()
+    prev, cur = None, first
+    frames = 1
+    next_at = time.monotonic() + interval_s
+    while True:
+        _draw(scr, screen_lines(cur, prev, view, scr.getmaxyx()[0]))
+        if view.paused:
+            scr.timeout(-1)
+        else:
+            scr.timeout(max(int((next_at - time.monotonic()) * 1000), 0))
+        try:
+            key: str | int | None = scr.get_wch()
+        except curses.error:
+            key = None  # timeout: time for the next snapshot
+        if key == curses.KEY_RESIZE:
+            curses.update_lines_cols()
+        elif key is not None:
+            was_paused = view.paused
+            if handle_key(view, key):
+                return
+            if was_paused and not view.paused:
+                next_at = time.monotonic()  # resume with a fresh snapshot right away
+        if not view.paused and time.monotonic() >= next_at:
+            if count is not None and frames >= count:
+                return
+            prev, cur = cur, read()
+            frames += 1
+            next_at = max(next_at + interval_s, time.monotonic())
+
+
+def run_interactive(read: Read, first: Snapshot, interval_s: float,
+                    count: int | None) -> None:
+    """Full-screen view until `q` (or after ``count`` snapshots); the terminal is restored
+    however it ends."""
+    locale.setlocale(locale.LC_ALL, "")  # so curses writes non-ASCII netdev names correctly
+    curses.wrapper(_interactive, read, first, interval_s, count)
