@@ -80,7 +80,13 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     from .views import dump
 
     with open_session(args) as session:
-        time.sleep(args.duration)
+        status = session.probe_status()
+        print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
+              f"tracing for {args.duration:g} s (Ctrl-C: snapshot now)", file=sys.stderr)
+        try:
+            time.sleep(args.duration)
+        except (KeyboardInterrupt, _Terminate):
+            pass  # like bcc tools: an early stop still prints what was traced
         snap = session.read()
     print(dump.render(snap))
     return 0

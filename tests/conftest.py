@@ -33,6 +33,20 @@ def bpf_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out)}
 
 
+def prog_ids_held_by(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds open (prog_id in /proc/PID/fdinfo): what it
+    loaded, told apart from programs of anything else running on the machine."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue  # closed meanwhile
+        ids.update(int(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("prog_id:"))
+    return ids
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:
         for item in items:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, bpf_prog_ids
+from conftest import REPO, bpf_prog_ids, prog_ids_held_by
 
 from netmemtrace import abi, libbpf, probes
 from netmemtrace.cli import format_probes
@@ -110,21 +110,24 @@ def test_missing_btf_path_is_a_clear_error() -> None:
 
 @pytest.mark.live
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_signal_detaches_everything(sig: str) -> None:
-    """No program or link left behind after Ctrl-C / SIGTERM (bpftool before/after)."""
+def test_signal_prints_snapshot_and_detaches_everything(sig: str) -> None:
+    """Ctrl-C / SIGTERM during `dump`: the snapshot so far is printed, exit 0, and no program
+    or link is left behind (bpftool before/after)."""
+    import json
     import signal
-    import time
 
-    before = bpf_prog_ids()
     proc = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump", "--duration",
-                             "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while len(bpf_prog_ids() - before) < 4:  # the four tracepoint hooks attached
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
+                             "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    banner = proc.stderr.readline()  # printed once every probe is attached
+    assert "probes attached; tracing for 30 s" in banner, banner + proc.stderr.read()
+    ours = prog_ids_held_by(proc.pid)
+    assert len(ours) >= 4 and ours <= bpf_prog_ids()
     proc.send_signal(getattr(signal, sig))
-    assert proc.wait(timeout=5) == 0
-    assert bpf_prog_ids() - before == set()
+    out, err = proc.communicate(timeout=5)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["schema_version"] == 1
+    assert ours & bpf_prog_ids() == set()
 
 
 @pytest.mark.live
