@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BTF ?= /sys/kernel/btf/vmlinux
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-APT_PKGS := clang llvm libbpf-dev bpftool iproute2 iperf3 tmux python3-venv
+APT_PKGS := clang llvm libbpf-dev bpftool iproute2 iperf3 tmux python3-venv prometheus openssl systemd bpftrace
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,netmemtrace/bpfobj/%.bpf.o,$(BPF_SRCS))
 BPF_ABI := $(BPF_OBJS:.o=.json)

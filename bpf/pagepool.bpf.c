@@ -154,7 +154,6 @@ static __always_inline int on_state_hold(const struct page_pool *pool, __u64 net
 		return 0;
 	c->holds[netmem & NETMEM_NET_IOV_BIT] += 1;
 	c->kernel_hold_cnt = hold;
-	c->last_event_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
@@ -167,7 +166,6 @@ static __always_inline int on_state_release(const struct page_pool *pool, __u64 
 		return 0;
 	c->releases[netmem & NETMEM_NET_IOV_BIT] += 1;
 	c->kernel_release_cnt = release;
-	c->last_event_ns = bpf_ktime_get_ns();
 	return 0;
 }
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
 
-from . import __version__, abi, demo, libbpf, probes, topcmd
+from . import __version__, abi, demo, explaincmd, libbpf, probes, serve, topcmd
+from .collect import memcg
+from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
 
 EPILOG = """\
@@ -17,6 +20,8 @@ examples:
   sudo netmemtrace dump --duration 5      JSON of every page pool seen in 5 s
   sudo netmemtrace probes                 which hook attached with which mechanism, and why not
   sudo netmemtrace top                    live view; --batch --count N for logs
+  sudo netmemtrace serve                  Prometheus /metrics on 127.0.0.1:9435
+  sudo netmemtrace explain-zombie eth0    who holds the pages of a destroyed pool
   sudo netmemtrace demo --duration 30     veth + XDP + TCP traffic so page pools really run
 
 Needs root (or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN) and kernel BTF
@@ -45,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--btf-path", metavar="FILE",
                    help="kernel BTF for CO-RE relocation when /sys/kernel/btf/vmlinux is "
                         "absent (e.g. a BTFHub file for this kernel)")
+    p.add_argument("--netmem-sample", type=int, default=DEFAULT_SAMPLE_N, metavar="N",
+                   help="track the ownership state of 1 in N netmem, chosen by hash "
+                        f"(default {DEFAULT_SAMPLE_N}: the measured knee of per-event cost; "
+                        "1 tracks all). Figures are scaled by N and say so")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",
@@ -52,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "(schema_version, host, kernel, probes, pools) to stdout.")
     d.add_argument("--duration", type=float, default=1.0, metavar="S",
                    help="seconds to trace before the snapshot (default 1)")
+    d.add_argument("--cgroup", metavar="PATH",
+                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup)")
+    d.add_argument("--pid", type=int, metavar="PID",
+                   help="only the memory cgroup and process row of PID")
+    d.add_argument("--verify", action="store_true",
+                   help="also print, on stderr, the zerocopy ledger beside each process's "
+                        "/proc/PID/smaps socket: Rss")
 
     sub.add_parser("probes", help="table of hooks: mechanism chosen, attached, reason",
                    description="Load every BPF object as `dump` would and print, per hook, "
@@ -65,6 +81,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "switch table, p pause. --batch prints plain-text frames "
                                    "instead (logs, scripts).")
     topcmd.add_arguments(t)
+
+    e = sub.add_parser("serve", help="Prometheus exporter daemon: /metrics and /healthz",
+                       description="Attach once and serve /metrics (Prometheus text or "
+                                   "OpenMetrics) and /healthz until SIGTERM/SIGINT. Metrics, "
+                                   "flags and deployment: deploy/README.md.")
+    serve.add_arguments(e)
+
+    x = sub.add_parser("explain-zombie",
+                       help="one-shot report: who holds a zombie page pool's pages",
+                       description="Attach, wait for the kernel's next release retry, and "
+                                   "print a plain-text report of every zombie page pool (or "
+                                   "POOL: id, 0xaddress or netdev): holders, whether it heals "
+                                   "by itself, what was checked. Paste it into a bug report.")
+    explaincmd.add_arguments(x)
 
     m = sub.add_parser("demo", help="run the built-in veth + XDP + TCP workload",
                        description="Create two network namespaces joined by a veth pair with "
@@ -83,12 +113,13 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         status = session.probe_status()
         print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
               f"tracing for {args.duration:g} s (Ctrl-C: snapshot now)", file=sys.stderr)
-        try:
+        # Like bcc tools: an early stop still prints what was traced.
+        with contextlib.suppress(KeyboardInterrupt, _Terminate):
             time.sleep(args.duration)
-        except (KeyboardInterrupt, _Terminate):
-            pass  # like bcc tools: an early stop still prints what was traced
-        snap = session.read()
+        snap = memcg.filter_snapshot(session.read(), cgroup=args.cgroup, pid=args.pid)
     print(dump.render(snap))
+    if args.verify:
+        print(memcg.verify_table(snap), file=sys.stderr)
     return 0
 
 
@@ -116,7 +147,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "top": topcmd.run, "demo": _cmd_demo}
+COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "top": topcmd.run, "serve": serve.run,
+            "explain-zombie": explaincmd.run, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,6 +159,7 @@ _declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _c_void_p,
 _declare("ring_buffer__new", _c_void_p, ctypes.c_int, _RB_SAMPLE_FN, _c_void_p, _c_void_p)
 _declare("ring_buffer__poll", ctypes.c_int, _c_void_p, ctypes.c_int)
 _declare("ring_buffer__free", None, _c_void_p)
+_declare("ring_buffer__epoll_fd", ctypes.c_int, _c_void_p)
 
 # Map types whose values are per CPU (the kernel hands back one value per possible CPU).
 _PERCPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP
@@ -330,6 +331,10 @@ class RingBuffer:
         if n < 0 and -n != errno.EINTR:
             raise LibbpfError("ring_buffer__poll", -n)
         return max(n, 0)
+
+    def fileno(self) -> int:
+        """An epoll fd readable when samples wait: wait on it without holding locks."""
+        return _lib.ring_buffer__epoll_fd(self._rb)
 
     def close(self) -> None:
         if self._rb:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import libbpf
+from . import kallsyms, libbpf
 
 # Preference order: typed BTF tracepoints are cheapest, classic tracepoints need tracefs,
 # fentry beats kprobe (no int3/trampoline-free entry, typed args).
@@ -86,26 +87,17 @@ def catalogue(obj: libbpf.Object) -> dict[str, Hook]:
 
 
 @functools.cache
-def _vmlinux_btf_strings() -> bytes:
-    try:
-        return VMLINUX_BTF.read_bytes()
-    except OSError:
-        return b""
+def _btf_tracepoints() -> frozenset[str]:
+    """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs).
 
-
-@functools.cache
-def _kallsyms() -> frozenset[str]:
+    BTF's string section holds every name NUL-terminated; a scan for the prefix finds them
+    without parsing 6 MB of BTF, and only the names are kept, not the file.
+    """
     try:
-        with open("/proc/kallsyms") as f:
-            return frozenset(line.split()[2] for line in f)
+        data = VMLINUX_BTF.read_bytes()
     except OSError:
         return frozenset()
-
-
-def _in_btf(name: str) -> bool:
-    # BTF's string section holds every type and function name NUL-terminated; a substring
-    # test is enough to know whether the kernel has it, without parsing 6 MB of BTF.
-    return b"\0" + name.encode() + b"\0" in _vmlinux_btf_strings()
+    return frozenset(m.decode() for m in re.findall(rb"\0btf_trace_(\w+)(?=\0)", data))
 
 
 def _lockdown_mode() -> str | None:
@@ -129,7 +121,7 @@ def static_check(cand: Candidate, btf_path: str | None) -> str | None:
         return _denied_mechanisms[mech]
     if mech in ("tp_btf", "raw_tp"):
         name = target.rpartition("/")[2]
-        if VMLINUX_BTF.exists() and not _in_btf(f"btf_trace_{name}"):
+        if VMLINUX_BTF.exists() and name not in _btf_tracepoints():
             return f"tracepoint {name} not in this kernel"
         if mech == "tp_btf" and not VMLINUX_BTF.exists():
             return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
@@ -139,7 +131,7 @@ def static_check(cand: Candidate, btf_path: str | None) -> str | None:
         if not (TRACEFS / "events" / target / "id").exists():
             return f"tracepoint {target} not in this kernel"
     elif mech in ("fentry", "kprobe"):
-        if target not in _kallsyms():
+        if not kallsyms.lookup([target]):
             return f"symbol {target} not found in /proc/kallsyms"
         if mech == "fentry" and not VMLINUX_BTF.exists():
             return "fentry needs /sys/kernel/btf/vmlinux"
@@ -192,6 +184,8 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
     probe_obj = libbpf.Object(path, btf_path)
     hooks = catalogue(probe_obj)
     probe_obj.close()
+    kallsyms.lookup(c.tracepoint for h in hooks.values() for c in h.candidates
+                    if c.mechanism in ("fentry", "kprobe"))  # one scan for the object
     for hook in hooks.values():
         for cand in hook.candidates:
             if force and cand.mechanism != force:

@@ -11,12 +11,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from . import abi, caps, libbpf, probes
-from .collect import netlink
+from .collect import netlink, resolve
+from .collect.holders import HoldersCollector, ScanReport
+from .collect.memcg import MemcgCollector
+from .collect.netmem import DEFAULT_SAMPLE_N, NetmemReader, sample_threshold
 from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
 
 T = TypeVar("T")
-OBJECTS = ("pagepool",)
+OBJECTS = ("pagepool", "memcg", "zerocopy", "netmem", "holders")
 
 
 def _bpf_stats_enabled() -> bool:
@@ -28,27 +31,47 @@ def _bpf_stats_enabled() -> bool:
 
 
 class Session:
-    def __init__(self, btf_path: str | None = None) -> None:
+    def __init__(self, btf_path: str | None = None,
+                 netmem_sample: int = DEFAULT_SAMPLE_N) -> None:
+        """netmem_sample: track the ownership state of 1 in this many netmem."""
+        try:
+            sample_threshold(netmem_sample)
+        except ValueError as exc:
+            raise probes.SetupError(str(exc)) from None
         probes.check_privileges(btf_path)
         self.loaded: list[probes.LoadedObject] = []
+        # Objects that could not load at all (e.g. iter/kmem_cache before 6.13): reported
+        # as a probes row each; the rest of the tool keeps running.
+        self.failed: list[probes.ProbeStatus] = []
+        self._memcg: MemcgCollector | None = None
+        self._holders: HoldersCollector | None = None
         try:
             for name in OBJECTS:
-                self.loaded.append(probes.load_object(
-                    name, str(abi.object_path(name)), btf_path=btf_path))
-        except (libbpf.LibbpfError, abi.AbiError) as exc:
-            self.close()
-            raise probes.SetupError(str(exc)) from exc
+                try:
+                    self.loaded.append(probes.load_object(
+                        name, str(abi.object_path(name)), btf_path=btf_path))
+                except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
+                    self.failed.append(probes.ProbeStatus(
+                        name, "(object)", None, False, f"object not loaded: {exc}"))
+            if not any(s.attached for s in self.probe_status()):
+                raise probes.SetupError("no probe could attach: see `netmemtrace probes`"
+                                        + "".join(f"; {f.reason}" for f in self.failed))
+            lo = {o.name: o for o in self.loaded}
+            self._pagepool = PagePoolReader(lo["pagepool"].obj) if "pagepool" in lo else None
+            self._netmem = NetmemReader(lo["netmem"], netmem_sample) if "netmem" in lo \
+                else None
+            if "memcg" in lo and "zerocopy" in lo:
+                # Owns a ring-buffer thread (the zerocopy ledger); stopped in close().
+                self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"])
+            if "holders" in lo:
+                # Iterators run only from read(), and only while a zombie pool exists.
+                self._holders = HoldersCollector(lo["holders"].obj)
         except BaseException:
             self.close()
             raise
-        self._by_name = {lo.name: lo for lo in self.loaded}
-        if not any(s.attached for s in self.probe_status()):
-            self.close()
-            raise probes.SetupError("no probe could attach: see `netmemtrace probes`")
-        self._pagepool = PagePoolReader(self._by_name["pagepool"].obj)
 
     def probe_status(self) -> list[probes.ProbeStatus]:
-        return [s for lo in self.loaded for s in lo.status()]
+        return [s for lo in self.loaded for s in lo.status()] + self.failed
 
     def read(self) -> Snapshot:
         """One snapshot. A collector that fails is named in errors; the others still report."""
@@ -67,8 +90,19 @@ class Session:
             kernel_pools = netlink.dump_page_pools()
         except Exception as exc:  # kernel < 6.8 has no netdev family: unavailable, not empty
             kernel_pools = Unavailable(f"netdev netlink page-pool-get failed: {exc}")
-        pools = guarded("page_pool", lambda: self._pagepool.read(start, kernel_pools), [])
-        stats = guarded("page_pool stats", self._pagepool.stats, {})
+        pagepool, netmem_reader = self._pagepool, self._netmem
+        pools = guarded("page_pool", lambda: pagepool.read(start, kernel_pools)
+                        if pagepool else [], [])
+        stats = guarded("page_pool stats", pagepool.stats if pagepool else dict, {})
+        netmem_off = Unavailable("the netmem object is not loaded: see `netmemtrace probes`")
+        pools, devmem_sockets, netmem = guarded(
+            "netmem", lambda: netmem_reader.read(start, pools) if netmem_reader
+            else (pools, (), netmem_off),
+            (pools, (), Unavailable("the netmem collector failed: see errors")))
+        pools = guarded("holders", lambda: self._holders.annotate(pools)
+                        if self._holders else pools, pools)
+        memcgs, memcg_self = guarded(
+            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None), ((), None))
         run_time: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
         run_cnt: dict[str, int] | Unavailable = run_time
         if _bpf_stats_enabled():
@@ -90,10 +124,25 @@ class Session:
                 prog_run_cnt=run_cnt,
             ),
             errors=tuple(errors),
+            memcgs=memcgs,
+            memcg_self_stats=memcg_self,
+            devmem_sockets=devmem_sockets,
+            netmem=netmem,
         )
+
+    @property
+    def holders_scan(self) -> ScanReport | None:
+        """What the last holders scan looked at (None before the first zombie)."""
+        return self._holders.last_scan if self._holders else None
 
     def close(self) -> None:
         """Detach every link and free every program and map (idempotent)."""
+        if self._holders:
+            self._holders.close()
+            self._holders = None
+        if self._memcg:
+            self._memcg.close()
+            self._memcg = None
         for lo in self.loaded:
             lo.close()
         self.loaded = []
@@ -108,8 +157,10 @@ class Session:
 def open_session(args: argparse.Namespace) -> Session:
     """Attach everything per the common CLI options, then drop the capabilities reading no
     longer needs (unless --keep-caps)."""
-    session = Session(btf_path=args.btf_path)
+    session = Session(btf_path=args.btf_path,
+                      netmem_sample=args.netmem_sample)
     if not args.keep_caps:
+        resolve.provider_addresses()  # /proc/kallsyms addresses need CAP_SYSLOG: read now
         try:
             caps.drop_after_attach()
         except OSError as exc:

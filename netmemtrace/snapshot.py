@@ -59,6 +59,12 @@ class PoolSnapshot:
     kernel_hold_at_release: int | None
     kernel_release_at_release: int | None
     kernel: KernelPoolView | Unavailable
+    # netmem ownership (collect/netmem.py): by state, and the application hold times
+    states: NetmemStates | Unavailable = Unavailable("netmem object not loaded")
+    netmem_hold_ns: HoldHistogram | Unavailable = Unavailable("netmem object not loaded")
+    # zombie pools only (collect/holders.py): who holds the inflight pages; pages add up to
+    # inflight_pages
+    holders: tuple[Holder, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,176 @@ class SelfStats:
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
 
 
+# ---- memcg socket memory and zerocopy (collect/memcg.py, collect/zerocopy.py) ----
+
+
+@dataclass(frozen=True)
+class ZerocopyStats:
+    """Zerocopy syscall counters of one process, or summed over a memcg (exited included)."""
+
+    rx_calls: int                 # getsockopt(TCP_ZEROCOPY_RECEIVE) calls
+    rx_errors: int                # ... that returned an error (bad fd/pointer, EIO, ...)
+    rx_mapped_bytes: int          # bytes mapped into the process (zc.length), cumulative
+    rx_mapped_pages: int
+    rx_copied_bytes: int          # bytes copied through the copybuf (zc.copybuf_len)
+    rx_skip_hint_bytes: int       # zc.recv_skip_hint summed: bytes left for a normal read
+    rx_sock_errors: int           # calls that reported a socket error in zc.err
+    rx_read_faults: int           # results netmemtrace could not read back from user memory
+    rx_zerocopy_ratio: float | None  # mapped / (mapped + copied); None before any byte
+    tx_zc_calls: int              # send*(MSG_ZEROCOPY) on SO_ZEROCOPY sockets that sent
+    tx_zc_bytes: int
+    tx_zc_errors: int
+    tx_zc_ignored_calls: int      # MSG_ZEROCOPY without SO_ZEROCOPY: the kernel copied
+    tx_notifications: int         # SO_EE_ORIGIN_ZEROCOPY messages read from the error queue
+    tx_completed_sends: int       # send ids those messages completed
+    tx_copied_sends: int          # ... flagged SO_EE_CODE_ZEROCOPY_COPIED (kernel copied)
+    tx_inflight_bytes: int        # sent zerocopy, completion not yet read
+
+
+@dataclass(frozen=True)
+class ProcessSnapshot:
+    pid: int                                  # tgid
+    comm: str | None                          # None once the process is gone
+    memcg_id: int
+    zerocopy: ZerocopyStats
+    zerocopy_unaccounted_bytes: int           # TCP-rx-zerocopy bytes mapped now (ledger)
+    zerocopy_unaccounted_hwm_bytes: int       # highest since netmemtrace started
+    zerocopy_oldest_mapped_age_ns: int | None  # age of the oldest page still mapped
+    smaps_socket_rss_bytes: int | Unavailable  # cross-check: Rss of socket: mappings
+    ledger_vs_smaps_bytes: int | Unavailable  # zerocopy_unaccounted - smaps (0 = agree)
+
+
+@dataclass(frozen=True)
+class MemcgSnapshot:
+    cgroup_id: int                 # kernfs id of the memcg's directory on its hierarchy
+    hierarchy: str                 # v1 / v2
+    path: str | None               # relative to the hierarchy root; None if deleted
+    runtime: str | None            # container identity derived from the path
+    container_id: str | None
+    pod_uid: str | None
+    qos_class: str | None
+    systemd_unit: str | None
+    sock_event_source: str | None  # tracepoint / function probes feeding the two below
+    sock_charged_pages_total: int | Unavailable    # socket pages charged since attach
+    sock_uncharged_pages_total: int | Unavailable
+    sock_net_charged_since_attach_bytes: int | Unavailable
+    sock_charged_now_bytes: int | Unavailable      # socket memory charged now (polled)
+    sock_charged_now_source: str
+    zerocopy: ZerocopyStats
+    zerocopy_unaccounted_bytes: int                # sum over its processes
+    zerocopy_unaccounted_hwm_bytes: int
+    zerocopy_oldest_mapped_age_ns: int | None
+    would_be_charged_bytes: int | Unavailable      # sock_charged_now + zerocopy_unaccounted
+    processes: tuple[ProcessSnapshot, ...]         # top processes by unaccounted bytes
+
+
+@dataclass(frozen=True)
+class MemcgSelfStats:
+    ringbuf_lost_events: int        # ledger events the ring buffer had no room for
+    ledger_ranges: int
+    ledger_overflow_ranges: int     # ranges not recorded (ledger full): figures undercount
+    ledger_overflow_bytes: int
+    tx_tracker_overflow_sends: int
+    pending_full: int               # syscall entries not remembered until exit
+    proc_map_full: int
+    memcg_map_full: int
+    memcg_unresolved: int           # socket-memory events without a readable memcg id
+    smaps_mismatch_pids: int        # processes whose ledger disagreed with smaps
+
+
+# ---- netmem ownership states and devmem tokens (collect/netmem.py) ----
+# Per-netmem figures come from tracking 1 in sample_factor netmem: every count below that
+# says "estimated" is tracked netmem x sample_factor. Token counts per socket are exact.
+
+
+@dataclass(frozen=True)
+class NetmemStates:
+    """One pool's netmem by who holds them now (estimated)."""
+
+    sample_factor: int
+    tracked: int                  # netmem of this pool tracked now (not scaled)
+    pool: int | Unavailable       # cached in the pool, waiting for the driver
+    driver: int | Unavailable     # allocated by the driver, not in an skb yet
+    stack: int | Unavailable      # in an skb
+    application: int | Unavailable  # devmem token / io_uring zcrx buffer outstanding
+    by_type: dict[str, dict[str, int | Unavailable]]  # page/dmabuf/io_uring/net_iov -> state
+    transitions_total: dict[str, int]  # "pool->driver": estimated transitions since attach
+
+
+@dataclass(frozen=True)
+class HoldBucket:
+    lo_ns: int                    # hold times in [lo_ns, hi_ns)
+    hi_ns: int
+    count: int                    # estimated
+
+
+@dataclass(frozen=True)
+class HoldHistogram:
+    """How long applications held this pool's netmem before giving it back (log2 buckets)."""
+
+    sample_factor: int
+    count: int                    # estimated holds ended since attach
+    sum_ns: int                   # estimated
+    buckets: tuple[HoldBucket, ...]  # non-empty buckets, ascending
+
+
+@dataclass(frozen=True)
+class DevmemSocket:
+    sock_addr: int
+    pid: int                      # tgid that first used devmem on it
+    comm: str
+    memcg_id: int
+    memcg_path: str | None
+    state: str                    # open / destroyed
+    recvmsg_calls: int            # recvmsg(MSG_SOCK_DEVMEM)
+    recvmsg_errors: int
+    tokens_received: int          # SCM_DEVMEM_DMABUF cmsgs returned to the application
+    dontneed_calls: int           # setsockopt(SO_DEVMEM_DONTNEED)
+    dontneed_errors: int
+    tokens_returned: int          # tokens those calls freed
+    tokens_freed_on_destroy: int  # still outstanding when the socket was destroyed
+    tokens_outstanding: int | Unavailable
+    netmem_held: int | Unavailable  # estimated netmem the socket's tokens pin now
+    first_seen_age_ns: int
+    destroy_age_ns: int | None
+
+
+@dataclass(frozen=True)
+class NetmemHolder:
+    """Netmem one process (in one memcg) holds as devmem tokens / zcrx buffers (estimated)."""
+
+    pid: int
+    comm: str | None              # None once the process is gone
+    memcg_id: int
+    memcg_path: str | None
+    netmem_held: int
+    by_type: dict[str, int]
+    oldest_hold_age_ns: int
+
+
+@dataclass(frozen=True)
+class NetmemSummary:
+    sample_factor: int            # 1 in sample_factor netmem tracked; counts are scaled by it
+    tracked_netmem: int           # entries in the tracking map now (not scaled)
+    tracked_capacity: int         # its size; tracked_map_full_total counts the misses
+    unavailable_states: dict[str, dict[str, str]]  # netmem type -> state -> why unobservable
+    holders: tuple[NetmemHolder, ...] | Unavailable
+    recvmsg_devmem_calls: int     # exact, every socket
+    recvmsg_devmem_errors: int
+    tokens_received: int
+    recvmsg_cmsg_unread: int      # control buffers not fully walked: tokens undercounted
+    dontneed_calls: int
+    dontneed_errors: int
+    tokens_returned: int
+    tokens_freed_on_destroy: int
+    zcrx_buffers_handed: int | Unavailable
+    zcrx_refills: int | Unavailable
+    tracked_map_full_total: int
+    pool_map_full_total: int
+    socket_map_full_total: int
+    call_map_full_total: int
+
+
 @dataclass(frozen=True)
 class Snapshot:
     taken_monotonic_ns: int
@@ -82,3 +258,45 @@ class Snapshot:
     pools: tuple[PoolSnapshot, ...]
     self_stats: SelfStats
     errors: tuple[str, ...] = ()  # collectors that failed this round, with the reason
+    memcgs: tuple[MemcgSnapshot, ...] = ()  # per memory cgroup: socket memory, zerocopy
+    memcg_self_stats: MemcgSelfStats | None = None
+    devmem_sockets: tuple[DevmemSocket, ...] = ()  # sockets that used devmem TCP tokens
+    netmem: NetmemSummary | Unavailable = Unavailable("netmem object not loaded")
+
+
+# ---- holders of zombie pools' pages (collect/holders.py) ----
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who keeps pages of a zombie pool inflight. Kinds: socket, cpu-deferred-free,
+    pool-ring, devmem-tokens, io_uring-zcrx, unattributed. Fields not of its kind are None."""
+
+    kind: str
+    pages: int                    # distinct netmems of the pool it holds
+    self_healing: bool            # frees them without anyone acting
+    detail: str                   # one line: what holds them, and what releases them
+    # socket
+    protocol: str | None = None   # tcp / udp
+    state: str | None = None      # ESTABLISHED, CLOSE_WAIT, ... (udp: UNCONNECTED, CONNECTED)
+    netns: str | None = None
+    local_addr: str | None = None  # "ip:port" ("[ip6]:port")
+    remote_addr: str | None = None
+    socket_inode: int | None = None
+    uid: int | None = None
+    pid: int | None = None        # lowest pid with the socket open (like ss -p)
+    pids: tuple[int, ...] = ()
+    comm: str | None = None
+    memcg: str | Unavailable | None = None  # memory cgroup path
+    memcg_source: str | None = None  # sk_memcg / process
+    queue_pages: dict[str, int] | None = None  # receive / out_of_order / error / reader
+    skbs: int | None = None       # skbs walked (socket, CPU list)
+    partial_scan: bool = False    # a queue was longer than the walk bound: may hold more
+    # cpu-deferred-free
+    cpu: int | None = None
+    # packets received on that CPU since netmemtrace first saw the zombie: 0, no RX came
+    # to flush the list
+    rx_packets_since_zombie: int | None = None
+    # unattributed / devmem-tokens / io_uring-zcrx
+    held_for_at_least_ns: int | None = None  # pages of a destroyed pool predate its destroy
+

@@ -119,3 +119,18 @@ def test_released_pool_is_forgotten_after_retention(raw_tp_pagepool) -> None:
     assert [p.state for p in reader.read(now, {})] == ["released"]
     assert reader.read(now + RETAIN_RELEASED_NS + 10**9, {}) == []
     assert lo.obj.map("retired_pools").items() == []
+
+
+def test_last_activity_is_dated_by_counter_changes(raw_tp_pagepool) -> None:
+    lo = raw_tp_pagepool
+    run(lo, "page_pool_state_hold", POOL_A, PAGE, 1)
+    reader = PagePoolReader(lo.obj)
+
+    def age(now: int) -> int | None:
+        return next(p.last_event_age_ns for p in reader.read(now, {}) if p.pool_addr == POOL_A)
+
+    assert age(1_000) is None          # first sight: when it last moved is unknown
+    assert age(2_000) is None          # still unknown: nothing moved since
+    run(lo, "page_pool_state_release", POOL_A, PAGE, 1)
+    assert age(3_000) == 0             # moved between the reads at 2000 and 3000
+    assert age(7_000) == 4_000

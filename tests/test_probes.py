@@ -167,3 +167,18 @@ def test_capabilities_dropped_after_attach() -> None:
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert b'"pools"' in out
+
+
+@pytest.mark.live
+def test_an_object_that_cannot_load_does_not_stop_the_rest(monkeypatch) -> None:
+    from netmemtrace import session as session_mod
+
+    monkeypatch.setattr(session_mod, "OBJECTS", ("pagepool", "no_such_object"))
+    with session_mod.Session() as session:
+        rows = {(r.object, r.hook): r for r in session.probe_status()}
+        snap = session.read()
+    broken = rows[("no_such_object", "(object)")]
+    assert not broken.attached and "not built" in broken.reason
+    assert rows[("pagepool", "page_pool_state_hold")].attached
+    assert snap.memcgs == () and snap.errors == ()
+    assert "not loaded" in snap.netmem.reason

@@ -34,7 +34,6 @@ class PoolCounters:
     releases: tuple[int, int]
     kernel_hold_cnt: int | None      # None: no hold event seen since attach
     kernel_release_cnt: int | None
-    last_event_ns: int
 
 
 def sum_counters(per_cpu: list[ctypes.Structure]) -> PoolCounters:
@@ -45,7 +44,6 @@ def sum_counters(per_cpu: list[ctypes.Structure]) -> PoolCounters:
         releases=(sum(c.releases[0] for c in per_cpu), sum(c.releases[1] for c in per_cpu)),
         kernel_hold_cnt=serial_max(c.kernel_hold_cnt for c in holding),
         kernel_release_cnt=serial_max(c.kernel_release_cnt for c in releasing),
-        last_event_ns=max((c.last_event_ns for c in per_cpu), default=0),
     )
 
 
@@ -81,6 +79,8 @@ class PagePoolReader:
         self._info = obj.map("pools")
         self._retired = obj.map("retired_pools")
         self._stats = obj.map("pagepool_stats")
+        # (pool, first_seen_ns) -> (hold+release events, monotonic ns they last changed)
+        self._activity: dict[tuple[int, int], tuple[int, int | None]] = {}
 
     def stats(self) -> dict[str, int]:
         per_cpu = self._stats.items()[0][1]
@@ -111,9 +111,11 @@ class PagePoolReader:
                 self._retired.delete(ctypes.create_string_buffer(key, len(key)))
                 continue
             counters = PoolCounters(tuple(r.holds), tuple(r.releases), r.info.release_hold,
-                                    r.info.release_release, r.info.release_last_ns)
+                                    r.info.release_release)
             pools.append(self._pool(r.info, counters, now_ns, names, own_ino, links,
                                     kernel_pools, retired=True))
+        live = {(info.pool, info.first_seen_ns) for info in infos.values()}
+        self._activity = {k: v for k, v in self._activity.items() if k in live}
         return pools
 
     def _pool(self, info: ctypes.Structure, c: PoolCounters, now_ns: int,
@@ -152,7 +154,7 @@ class PagePoolReader:
             inflight_bytes=inflight if isinstance(inflight, Unavailable)
             else inflight * page_bytes,
             first_seen_age_ns=now_ns - info.first_seen_ns,
-            last_event_age_ns=now_ns - c.last_event_ns if c.last_event_ns else None,
+            last_event_age_ns=self._last_activity_age(info, c, now_ns, retired),
             destroy_age_ns=now_ns - info.destroy_ns if info.destroy_ns else None,
             zombie_age_ns=now_ns - info.release_first_ns if state == "zombie" else None,
             release_calls=info.release_calls,
@@ -161,6 +163,20 @@ class PagePoolReader:
             kernel_release_at_release=info.release_release if info.release_calls else None,
             kernel=kernel,
         )
+
+    def _last_activity_age(self, info: ctypes.Structure, c: PoolCounters, now_ns: int,
+                           retired: bool) -> int | None:
+        """Age of the last hold/release, at snapshot resolution: the first read that saw the
+        counters move. None until a second read has seen them (or not) move."""
+        if retired:
+            return now_ns - info.release_last_ns
+        key = (info.pool, info.first_seen_ns)  # the address alone is reused by new pools
+        events = sum(c.holds) + sum(c.releases)
+        seen = self._activity.get(key)
+        if seen is None or seen[0] != events:
+            self._activity[key] = (events, now_ns if seen else None)
+        changed_ns = self._activity[key][1]
+        return None if changed_ns is None else now_ns - changed_ns
 
     @staticmethod
     def _current_name(info: ctypes.Structure, netns: str | None,

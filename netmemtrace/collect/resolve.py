@@ -10,6 +10,8 @@ import threading
 
 from pyroute2 import IPRoute, netns
 
+from .. import kallsyms
+
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -78,16 +80,8 @@ def _links_here() -> dict[int, str]:
 @functools.cache
 def provider_addresses() -> dict[int, str]:
     """Address of each memory provider ops symbol this kernel has (needs root: kptr_restrict)."""
-    found: dict[int, str] = {}
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                addr, _, name = line.split()[:3]
-                if name in PROVIDER_SYMBOLS and int(addr, 16):
-                    found[int(addr, 16)] = PROVIDER_SYMBOLS[name]
-    except OSError:
-        pass
-    return found
+    return {addr: PROVIDER_SYMBOLS[name]
+            for name, addr in kallsyms.lookup(PROVIDER_SYMBOLS).items() if addr}
 
 
 def provider_name(mp_ops: int) -> str:

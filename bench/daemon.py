@@ -1,0 +1,188 @@
+"""Part 3: the daemon's own cost. Start-up to the first complete snapshot, CPU time and
+memory at a 1 s refresh, and the `/metrics` render time for a large synthetic host (1k page
+pools, 10k memory cgroups) fed to the exporter's Collector.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+from common import BENCH, BenchError, Tool, http_get, serve_available
+
+from netmemtrace.probes import ProbeStatus
+from netmemtrace.snapshot import (
+    KernelPoolView,
+    MemcgSnapshot,
+    PoolSnapshot,
+    ProcessSnapshot,
+    SelfStats,
+    Snapshot,
+    Unavailable,
+    ZerocopyStats,
+)
+
+STARTS = 3
+STEADY_S = 30.0
+WARMUP_S = 3.0
+SCRAPES = 5
+SYNTHETIC_POOLS = 1000
+SYNTHETIC_MEMCGS = 10_000
+
+
+def first_snapshot() -> dict[str, object]:
+    """Fresh processes: exec -> imports -> Session() -> first read() complete."""
+    runs = []
+    for _ in range(STARTS):
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, str(BENCH / "reader.py"), "--once"],
+                             capture_output=True, text=True, timeout=120)
+        wall = time.monotonic() - start
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ready")), None)
+        if line is None:
+            raise BenchError(f"reader.py --once failed: {out.stderr.strip()[-300:]}")
+        imp, sess, read = map(float, line.split()[1:])
+        runs.append({"import_s": imp, "session_s": sess, "first_read_s": read,
+                     "session_plus_read_s": sess + read, "exec_to_ready_s": wall})
+    return {"runs": runs,
+            "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+
+
+def steady_state(use_serve: bool) -> dict[str, object]:
+    """CPU and memory of the tool refreshing every 1 s, over STEADY_S after a warm-up."""
+    with Tool(interval=1.0, use_serve=use_serve) as tool:
+        time.sleep(WARMUP_S)
+        u0, t0 = tool.usage(), time.monotonic()
+        time.sleep(STEADY_S)
+        u1, t1 = tool.usage(), time.monotonic()
+        result: dict[str, object] = {
+            "tool": "serve --interval 1" if use_serve else "bench/reader.py --interval 1",
+            "exec_to_ready_s": tool.ready_s,
+            "cpu_pct_of_one_core": (u1.cpu_s - u0.cpu_s) / (t1 - t0) * 100,
+            "cpu_s_per_minute": (u1.cpu_s - u0.cpu_s) / (t1 - t0) * 60,
+            "rss_mb": u1.rss_bytes / 2**20,
+            "peak_rss_mb": u1.hwm_bytes / 2**20,
+        }
+        if use_serve:
+            lat = []
+            for _ in range(SCRAPES):
+                s = time.monotonic()
+                body = http_get(tool.url + "/metrics")
+                lat.append(time.monotonic() - s)
+            result["live_scrape_ms"] = statistics.median(lat) * 1000
+            result["live_scrape_series"] = _series(body.decode())
+    return result
+
+
+def _series(text: str) -> int:
+    return sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
+
+
+def synthetic_snapshot(n_pools: int = SYNTHETIC_POOLS,
+                       n_memcgs: int = SYNTHETIC_MEMCGS) -> Snapshot:
+    """A large host: n_pools page pools on 16 NICs, n_memcgs Kubernetes container memcgs."""
+    pools = []
+    for i in range(n_pools):
+        zombie = i % 50 == 49
+        inflight = 700 + i % 300
+        pools.append(PoolSnapshot(
+            pool_addr=0xFFFF888100000000 + i * 0x800, pool_id=i + 1, ifindex=2 + i // 64,
+            netdev=f"eth{i // 64}", netns="host", napi_id=8192 + i, provider="host",
+            page_order=0, page_size_bytes=4096, numa_node=i // 500,
+            state="zombie" if zombie else "active",
+            hold_pages_total=10_000_000 + i, hold_net_iovs_total=0,
+            release_pages_total=10_000_000 + i - inflight, release_net_iovs_total=0,
+            kernel_hold_cnt=(10_000_000 + i) % 2**32,
+            kernel_release_cnt=(10_000_000 + i - inflight) % 2**32,
+            inflight_pages=inflight, inflight_bytes=inflight * 4096,
+            first_seen_age_ns=3600 * 10**9, last_event_age_ns=10**6,
+            destroy_age_ns=None, zombie_age_ns=600 * 10**9 if zombie else None,
+            release_calls=12 if zombie else 0,
+            kernel_inflight_at_release=inflight if zombie else None,
+            kernel_hold_at_release=None, kernel_release_at_release=None,
+            kernel=KernelPoolView(inflight, inflight * 4096,
+                                  1_700_000_000 if zombie else None, None)))
+    zc = ZerocopyStats(
+        rx_calls=1000, rx_errors=0, rx_mapped_bytes=1 << 30, rx_mapped_pages=1 << 18,
+        rx_copied_bytes=1 << 20, rx_skip_hint_bytes=0, rx_sock_errors=0, rx_read_faults=0,
+        rx_zerocopy_ratio=0.999, tx_zc_calls=0, tx_zc_bytes=0, tx_zc_errors=0,
+        tx_zc_ignored_calls=0, tx_notifications=0, tx_completed_sends=0, tx_copied_sends=0,
+        tx_inflight_bytes=0)
+    memcgs = []
+    for i in range(n_memcgs):
+        pod, ctr = f"{i:08x}-0000-4000-8000-{i:012x}", f"{i:064x}"
+        memcgs.append(MemcgSnapshot(
+            cgroup_id=10_000 + i, hierarchy="v2",
+            path=f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+                 f"{pod.replace('-', '_')}.slice/cri-containerd-{ctr}.scope",
+            runtime="containerd", container_id=ctr, pod_uid=pod, qos_class="burstable",
+            systemd_unit=None, sock_event_source="tracepoint",
+            sock_charged_pages_total=5000 + i, sock_uncharged_pages_total=4000 + i,
+            sock_net_charged_since_attach_bytes=1000 * 4096,
+            sock_charged_now_bytes=(i % 997) * 4096, sock_charged_now_source="memory.stat",
+            zerocopy=zc, zerocopy_unaccounted_bytes=(i % 13) * 4096,
+            zerocopy_unaccounted_hwm_bytes=(i % 13) * 8192,
+            zerocopy_oldest_mapped_age_ns=None, would_be_charged_bytes=(i % 997 + 13) * 4096,
+            processes=(ProcessSnapshot(
+                pid=100_000 + i, comm="app", memcg_id=10_000 + i, zerocopy=zc,
+                zerocopy_unaccounted_bytes=(i % 13) * 4096,
+                zerocopy_unaccounted_hwm_bytes=(i % 13) * 8192,
+                zerocopy_oldest_mapped_age_ns=None,
+                smaps_socket_rss_bytes=Unavailable("not receiving zerocopy"),
+                ledger_vs_smaps_bytes=Unavailable("not receiving zerocopy")),)))
+    probes = tuple(ProbeStatus("pagepool", f"hook{i}", "tp_btf", True, "") for i in range(20))
+    progs = {f"prog{i}__tp_btf": 10**9 + i for i in range(20)}
+    return Snapshot(
+        taken_monotonic_ns=time.monotonic_ns(), taken_unix_s=time.time(), host="synthetic",
+        kernel_release="6.18.0", probes=probes, pools=tuple(pools),
+        self_stats=SelfStats(snapshot_build_ns=50_000_000, pool_map_full_total=0,
+                             retired_map_full_total=0, prog_run_time_ns=progs,
+                             prog_run_cnt=progs),
+        memcgs=tuple(memcgs))
+
+
+def scrape_render() -> dict[str, object]:
+    """Render time of `/metrics` (text and OpenMetrics) for the synthetic snapshot, through
+    the exporter's Collector and prometheus_client's encoders, as serve does per scrape."""
+    try:
+        from netmemtrace.views.exporter import SnapshotCollector
+    except ImportError as exc:
+        return {"skipped": f"netmemtrace/views/exporter.py not importable: {exc}"}
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import generate_latest as text_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+
+    snap = synthetic_snapshot()
+    result: dict[str, object] = {"pools": SYNTHETIC_POOLS, "memcgs": SYNTHETIC_MEMCGS}
+    # The default cgroup cap of serve, and no cap (every cgroup exported).
+    for label, max_cgroups in (("max_cgroups=100", 100), ("max_cgroups=10000", 10_000)):
+        registry = CollectorRegistry()
+        registry.register(SnapshotCollector(lambda: snap, max_cgroups=max_cgroups))
+        for fmt, encode in (("text", text_latest), ("openmetrics", om_latest)):
+            times = []
+            for _ in range(SCRAPES):
+                s = time.perf_counter()
+                body = encode(registry)
+                times.append(time.perf_counter() - s)
+            result[f"{label} {fmt}"] = {
+                "ms": statistics.median(times) * 1000, "series": _series(body.decode()),
+                "bytes": len(body)}
+    return result
+
+
+def run() -> dict[str, object]:
+    """Each measurement on its own: one that cannot run is reported, the others still are."""
+    tools = [True, False] if serve_available() else [False]
+    steps = {"first_snapshot": first_snapshot, "scrape": scrape_render,
+             **{f"steady {'serve' if t else 'reader'}": (lambda t=t: steady_state(t))
+                for t in tools}}
+    result: dict[str, object] = {}
+    for name, step in steps.items():
+        try:
+            result[name] = step()
+        except (BenchError, OSError, TypeError) as exc:
+            # TypeError: the snapshot dataclasses changed under the synthetic builder.
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return result

@@ -1,0 +1,686 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Zerocopy at the syscall boundary, per process and memory cgroup.
+ *
+ * rx: getsockopt(TCP_ZEROCOPY_RECEIVE) results read back from user memory at syscall
+ * exit. The pages it maps are uncharged from socket memory once the skb is consumed and
+ * charged to nobody while mapped; the kernel has no tracepoint for them, so every syscall
+ * that can end such a mapping (munmap, madvise, mmap over it, mremap, exec, exit) of a
+ * process that received zerocopy goes through the zc_events ring buffer to a ledger of
+ * mapped ranges in userspace. Syscall rate, never packet rate.
+ *
+ * tx: send*(MSG_ZEROCOPY) bytes and the id range the kernel assigned (sk_zckey before and
+ * after), and SO_EE_ORIGIN_ZEROCOPY completions read from recvmsg(MSG_ERRQUEUE) control
+ * data, so userspace knows the bytes still pinned (in flight).
+ *
+ * Syscalls are dispatched from the raw sys_enter/sys_exit tracepoints: one program pair
+ * instead of one per syscall, filtered on the syscall number first.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "netmemtrace.h"
+
+#define MAX_PROCS 16384
+#define MAX_THREADS 16384
+#define MAX_MMSG 64
+#define MAX_CMSGS 4
+
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SOL_TCP 6
+#define IP_RECVERR 11
+#define IPV6_RECVERR 25
+#define TCP_ZEROCOPY_RECEIVE 35
+#define SO_EE_ORIGIN_ZEROCOPY 5
+#define SO_EE_CODE_ZEROCOPY_COPIED 1
+#define MSG_ERRQUEUE 0x2000
+#define MSG_ZEROCOPY 0x4000000
+#define MADV_FREE 8
+#define MADV_DONTNEED 4
+#define MADV_REMOVE 9
+#define MADV_DONTNEED_LOCKED 24
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define MAX_ERRNO 4095
+#define PAGE_SIZE 4096
+#define offsetofend(T, m) (offsetof(T, m) + sizeof(((T *)0)->m))
+
+#if defined(__TARGET_ARCH_x86)
+#define NR_mmap 9
+#define NR_munmap 11
+#define NR_mremap 25
+#define NR_madvise 28
+#define NR_sendto 44
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_getsockopt 55
+#define NR_sendmmsg 307
+#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_munmap 215
+#define NR_mremap 216
+#define NR_mmap 222
+#define NR_madvise 233
+#define NR_sendto 206
+#define NR_sendmsg 211
+#define NR_recvmsg 212
+#define NR_getsockopt 209
+#define NR_sendmmsg 269
+#define SYSCALL_NR(regs) BPF_CORE_READ((struct user_pt_regs *)(regs), regs[8])
+#else
+#error "syscall numbers for this architecture are not listed"
+#endif
+
+/* The syscall arguments seen at entry, kept until its exit (LRU: a thread killed in the
+ * middle of a call never exits it, and its entry ages out). */
+struct zc_pending {
+	__u64 nr;
+	__u64 args[6];
+	__u64 sk;
+	__u64 zap_len;		/* TCP_ZEROCOPY_RECEIVE: bytes the kernel will zap first */
+	__u32 zckey;
+	__u32 zc_enabled;
+};
+
+/* Processes we count for: their last memcg, and whether they hold zerocopy mappings. */
+struct zc_task {
+	__u64 cgroup_id;
+	__u32 rx_mapped;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_PROCS);
+	__type(key, struct zc_key);
+	__type(value, struct zc_counters);
+} zc_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PROCS);
+	__type(key, __u32);
+	__type(value, struct zc_task);
+} zc_tasks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_THREADS);
+	__type(key, __u32);
+	__type(value, struct zc_pending);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} zc_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct zc_stats);
+} zc_stats SEC(".maps");
+
+/* Ring buffer samples have no map type: this keeps struct zc_event in the object's BTF,
+ * where userspace learns its layout. */
+const struct zc_event *zc_event_abi __attribute__((unused));
+
+#define stat_inc(field)							\
+	({								\
+		__u32 _zero = 0;					\
+		struct zc_stats *_s;					\
+		_s = bpf_map_lookup_elem(&zc_stats, &_zero);		\
+		if (_s)							\
+			_s->field += 1;					\
+	})
+
+/* The memory cgroup of the current task, on whichever hierarchy memory is mounted. */
+static __always_inline __u64 task_memcg_id(void)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
+	struct cgroup_subsys_state *css;
+
+	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
+		return 0;
+	css = BPF_CORE_READ(task, cgroups, subsys[id]);
+	if (!css)
+		return 0;
+	return BPF_CORE_READ(css, cgroup, kn, id);
+}
+
+static __always_inline struct zc_counters *counters_get(__u32 tgid, bool rx_mapped)
+{
+	struct zc_key key = { .tgid = tgid, .cgroup_id = task_memcg_id() };
+	struct zc_task task = { .cgroup_id = key.cgroup_id };
+	struct zc_counters zero = {};
+	struct zc_counters *c;
+	struct zc_task *t;
+
+	t = bpf_map_lookup_elem(&zc_tasks, &tgid);
+	if (t) {
+		t->cgroup_id = key.cgroup_id;
+		t->rx_mapped |= rx_mapped;
+	} else {
+		task.rx_mapped = rx_mapped;
+		if (bpf_map_update_elem(&zc_tasks, &tgid, &task, BPF_ANY))
+			stat_inc(proc_map_full);
+	}
+	c = bpf_map_lookup_elem(&zc_counters, &key);
+	if (c)
+		return c;
+	if (bpf_map_update_elem(&zc_counters, &key, &zero, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&zc_counters, &key)) {
+		stat_inc(proc_map_full);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&zc_counters, &key);
+}
+
+static __always_inline void emit(__u32 type, __u32 tgid, __u64 addr, __u64 len, __u64 addr2,
+				 __u64 len2, __u64 sk, __u32 aux, __u32 aux2, __u32 flags)
+{
+	struct zc_event *e = bpf_ringbuf_reserve(&zc_events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(ringbuf_full);
+		return;
+	}
+	e->type = type;
+	e->tgid = tgid;
+	e->cgroup_id = task_memcg_id();
+	e->ts_ns = bpf_ktime_get_ns();
+	e->addr = addr;
+	e->len = len;
+	e->addr2 = addr2;
+	e->len2 = len2;
+	e->sk = sk;
+	e->aux = aux;
+	e->aux2 = aux2;
+	e->flags = flags;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* The struct sock behind fd in the current process, or NULL if fd is not a socket. */
+static __always_inline struct sock *sock_of_fd(__u64 fd)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+	unsigned int max = BPF_CORE_READ(task, files, fdt, max_fds);
+	struct socket *sock;
+	struct file *file;
+	umode_t mode;
+
+	if (fd >= max || !fds)
+		return NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+static __always_inline bool sk_zerocopy_enabled(const struct sock *sk)
+{
+	int bit = bpf_core_enum_value(enum sock_flags, SOCK_ZEROCOPY);
+	unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
+
+	return bit >= 0 && bit < 64 && (flags >> bit) & 1;
+}
+
+static long vma_end_cb(struct task_struct *task, struct vm_area_struct *vma, __u64 *end)
+{
+	*end = BPF_CORE_READ(vma, vm_end);
+	return 0;
+}
+
+/*
+ * What tcp_zerocopy_receive() will zap before mapping: min(requested, to the end of the
+ * VMA, bytes queued) in whole pages, nothing when it falls back to copying (all queued
+ * bytes fit the copybuf, or less than a page is queued). The mapped length reported at
+ * exit can be shorter (mapping stops at an unmappable fragment), and the zapped tail no
+ * longer maps anything. Data arriving between this read and the kernel's own makes the
+ * kernel zap more: the smaps cross-check shows that as a disagreement.
+ */
+static __always_inline __u64 zc_zap_len(struct sock *sk, __u64 uzc, __u64 optlen)
+{
+	struct tcp_zerocopy_receive zc = {};
+	struct tcp_sock *tp = (void *)sk;
+	__u64 len, vma_end = 0;
+	__u32 inq;
+	int ulen = 0;
+
+	if (bpf_probe_read_user(&ulen, sizeof(ulen), (void *)optlen) ||
+	    ulen < (int)offsetofend(struct tcp_zerocopy_receive, length) ||
+	    bpf_probe_read_user(&zc, offsetofend(struct tcp_zerocopy_receive, length),
+				(void *)uzc))
+		return 0;
+	if (ulen >= (int)offsetofend(struct tcp_zerocopy_receive, copybuf_len) &&
+	    bpf_probe_read_user(&zc.copybuf_len, sizeof(zc.copybuf_len),
+				(void *)(uzc + offsetof(struct tcp_zerocopy_receive, copybuf_len))))
+		zc.copybuf_len = 0;
+	inq = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+	if ((inq && zc.copybuf_len > 0 && inq <= (__u32)zc.copybuf_len) || inq < PAGE_SIZE)
+		return 0;
+	len = zc.length < inq ? zc.length : inq;
+	bpf_find_vma(bpf_get_current_task_btf(), zc.address, vma_end_cb, &vma_end, 0);
+	if (vma_end > zc.address && vma_end - zc.address < len)
+		len = vma_end - zc.address;
+	return len & ~(PAGE_SIZE - 1);
+}
+
+static __always_inline bool wants_entry(__u64 nr, const __u64 *a, __u32 tgid)
+{
+	struct zc_task *t;
+
+	switch (nr) {
+	case NR_getsockopt:
+		return a[1] == SOL_TCP && a[2] == TCP_ZEROCOPY_RECEIVE;
+	case NR_sendmsg:
+		return a[2] & MSG_ZEROCOPY;
+	case NR_sendto:
+	case NR_sendmmsg:
+		return a[3] & MSG_ZEROCOPY;
+	case NR_recvmsg:
+		return a[2] & MSG_ERRQUEUE;
+	case NR_munmap:
+	case NR_madvise:
+	case NR_mmap:
+	case NR_mremap:
+		/* Only the mappings of processes that received zerocopy pages matter. */
+		t = bpf_map_lookup_elem(&zc_tasks, &tgid);
+		return t && t->rx_mapped;
+	}
+	return false;
+}
+
+static __always_inline bool watched(__u64 nr)
+{
+	return nr == NR_getsockopt || nr == NR_sendmsg || nr == NR_sendto ||
+	       nr == NR_sendmmsg || nr == NR_recvmsg || nr == NR_munmap || nr == NR_madvise ||
+	       nr == NR_mmap || nr == NR_mremap;
+}
+
+static __always_inline int on_enter(__u64 nr, const __u64 *a)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)id, tgid = id >> 32;
+	struct zc_pending p = { .nr = nr };
+	struct sock *sk;
+
+	if (!wants_entry(nr, a, tgid))
+		return 0;
+	__builtin_memcpy(p.args, a, sizeof(p.args));
+	if (nr == NR_getsockopt) {
+		sk = sock_of_fd(a[0]);
+		if (sk)
+			p.zap_len = zc_zap_len(sk, a[3], a[4]);
+	}
+	if (nr == NR_sendmsg || nr == NR_sendto || nr == NR_sendmmsg || nr == NR_recvmsg) {
+		sk = sock_of_fd(a[0]);
+		p.sk = (__u64)sk;
+		if (sk) {
+			p.zc_enabled = sk_zerocopy_enabled(sk);
+			p.zckey = BPF_CORE_READ(sk, sk_zckey.counter);
+		}
+	}
+	if (bpf_map_update_elem(&pending, &tid, &p, BPF_ANY))
+		stat_inc(pending_full);
+	return 0;
+}
+
+static __always_inline void exit_getsockopt(const struct zc_pending *p, long ret, __u32 tgid)
+{
+	struct zc_counters *c = counters_get(tgid, false);
+	struct tcp_zerocopy_receive zc = {};
+	int len = 0;
+
+	if (!c)
+		return;
+	c->rx_calls += 1;
+	if (ret < 0) {
+		c->rx_errors += 1;
+		return;
+	}
+	/* The kernel copied back optlen bytes of the struct: only those fields are results. */
+	if (bpf_probe_read_user(&len, sizeof(len), (void *)p->args[4]) ||
+	    len < (int)offsetofend(struct tcp_zerocopy_receive, length) ||
+	    (bpf_probe_read_user(&zc, sizeof(zc), (void *)p->args[3]) &&
+	     bpf_probe_read_user(&zc, offsetofend(struct tcp_zerocopy_receive, length),
+				 (void *)p->args[3]))) {
+		c->rx_read_faults += 1;
+		return;
+	}
+	c->rx_mapped_bytes += zc.length;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, recv_skip_hint))
+		c->rx_skip_hint_bytes += zc.recv_skip_hint;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, err) && zc.err)
+		c->rx_sock_errors += 1;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, copybuf_len) &&
+	    zc.copybuf_len > 0)
+		c->rx_copied_bytes += zc.copybuf_len;
+	if (zc.length) {
+		counters_get(tgid, true);
+		emit(ZC_EV_RX_MAP, tgid, zc.address, zc.length, 0, p->zap_len, 0, 0, 0, 0);
+	}
+}
+
+static __always_inline __u64 mmsg_bytes(__u64 vec, long sent)
+{
+	__u64 total = 0;
+	__u32 len;
+	int i;
+
+	if (sent > MAX_MMSG)
+		stat_inc(mmsg_truncated);
+	for (i = 0; i < MAX_MMSG && i < sent; i++) {
+		if (bpf_probe_read_user(&len, sizeof(len),
+					(void *)(vec + i * sizeof(struct mmsghdr) +
+						 offsetof(struct mmsghdr, msg_len))))
+			break;
+		total += len;
+	}
+	return total;
+}
+
+static __always_inline void exit_send(const struct zc_pending *p, long ret, __u32 tgid)
+{
+	struct zc_counters *c;
+	struct sock *sk;
+	__u32 zckey;
+	__u64 bytes;
+
+	if (!p->sk)
+		return;		/* not a socket: the kernel refused it, nothing was sent */
+	c = counters_get(tgid, false);
+	if (!c)
+		return;
+	if (ret < 0) {
+		c->tx_zc_errors += 1;
+		return;
+	}
+	sk = (struct sock *)p->sk;
+	zckey = BPF_CORE_READ(sk, sk_zckey.counter);
+	if (!p->zc_enabled || zckey == p->zckey) {
+		/* Without SO_ZEROCOPY the flag is ignored; without an id nothing was pinned. */
+		c->tx_zc_ignored_calls += 1;
+		return;
+	}
+	bytes = p->nr == NR_sendmmsg ? mmsg_bytes(p->args[1], ret) : (__u64)ret;
+	c->tx_zc_calls += 1;
+	c->tx_zc_bytes += bytes;
+	emit(ZC_EV_TX_SEND, tgid, 0, bytes, 0, 0, p->sk, p->zckey, zckey, 0);
+}
+
+static __always_inline void exit_errqueue(const struct zc_pending *p, long ret, __u32 tgid)
+{
+	struct user_msghdr msg;
+	struct sock_extended_err ee;
+	struct cmsghdr cm;
+	struct zc_counters *c;
+	__u64 ctl, end;
+	int i;
+
+	if (ret < 0 || !p->sk)
+		return;
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)p->args[1]))
+		return;
+	/* On return msg_controllen is what the kernel wrote. */
+	ctl = (__u64)msg.msg_control;
+	end = ctl + msg.msg_controllen;
+	for (i = 0; i < MAX_CMSGS; i++) {
+		if (ctl + sizeof(cm) + sizeof(ee) > end)
+			break;
+		if (bpf_probe_read_user(&cm, sizeof(cm), (void *)ctl) || cm.cmsg_len < sizeof(cm))
+			break;
+		if (((cm.cmsg_level == SOL_IP && cm.cmsg_type == IP_RECVERR) ||
+		     (cm.cmsg_level == SOL_IPV6 && cm.cmsg_type == IPV6_RECVERR)) &&
+		    !bpf_probe_read_user(&ee, sizeof(ee), (void *)(ctl + sizeof(cm))) &&
+		    ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY) {
+			c = counters_get(tgid, false);
+			if (!c)
+				return;
+			c->tx_notifications += 1;
+			c->tx_completed_sends += ee.ee_data - ee.ee_info + 1;
+			if (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
+				c->tx_copied_sends += ee.ee_data - ee.ee_info + 1;
+			emit(ZC_EV_TX_DONE, tgid, 0, 0, 0, 0, p->sk, ee.ee_info, ee.ee_data,
+			     ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED);
+		}
+		ctl += (cm.cmsg_len + 7) & ~7ULL;
+	}
+}
+
+static __always_inline void exit_mm(const struct zc_pending *p, long ret, __u32 tgid)
+{
+	const __u64 *a = p->args;
+
+	if ((unsigned long)ret >= (unsigned long)-MAX_ERRNO)
+		return;		/* failed: the mappings are unchanged */
+	switch (p->nr) {
+	case NR_munmap:
+		emit(ZC_EV_UNMAP, tgid, a[0], a[1], 0, 0, 0, 0, 0, 0);
+		break;
+	case NR_madvise:
+		if (a[2] == MADV_DONTNEED || a[2] == MADV_DONTNEED_LOCKED || a[2] == MADV_FREE ||
+		    a[2] == MADV_REMOVE)
+			emit(ZC_EV_UNMAP, tgid, a[0], a[1], 0, 0, 0, 0, 0, (__u32)a[2]);
+		break;
+	case NR_mmap:
+		emit(ZC_EV_MAP_NEW, tgid, ret, a[1], 0, 0, 0, 0, 0, 0);
+		break;
+	case NR_mremap:
+		emit(ZC_EV_MREMAP, tgid, a[0], a[1], ret, a[2], 0, 0, 0, (__u32)a[3]);
+		break;
+	}
+}
+
+static __always_inline int on_exit(__u64 nr, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)id, tgid = id >> 32;
+	struct zc_pending *p;
+
+	if (!watched(nr))
+		return 0;
+	p = bpf_map_lookup_elem(&pending, &tid);
+	if (!p)
+		return 0;
+	if (p->nr == nr) {
+		switch (nr) {
+		case NR_getsockopt:
+			exit_getsockopt(p, ret, tgid);
+			break;
+		case NR_sendmsg:
+		case NR_sendto:
+		case NR_sendmmsg:
+			exit_send(p, ret, tgid);
+			break;
+		case NR_recvmsg:
+			exit_errqueue(p, ret, tgid);
+			break;
+		default:
+			exit_mm(p, ret, tgid);
+		}
+	}
+	bpf_map_delete_elem(&pending, &tid);
+	return 0;
+}
+
+/* Whole-process events, only for processes that received zerocopy mappings. */
+static __always_inline int on_process_exit(void)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+
+	if (!bpf_map_lookup_elem(&zc_tasks, &tgid))
+		return 0;
+	bpf_map_delete_elem(&pending, &(__u32){ (__u32)id });
+	/* signal->live drops to 0 before this tracepoint when the last thread exits. */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	emit(ZC_EV_EXIT, tgid, 0, 0, 0, 0, 0, 0, 0, 0);
+	bpf_map_delete_elem(&zc_tasks, &tgid);
+	return 0;
+}
+
+static __always_inline int on_exec(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct zc_task *t = bpf_map_lookup_elem(&zc_tasks, &tgid);
+
+	if (!t || !t->rx_mapped)
+		return 0;
+	t->rx_mapped = 0;
+	emit(ZC_EV_EXIT, tgid, 0, 0, 0, 0, 0, 0, 0, 1);
+	return 0;
+}
+
+static __always_inline int on_fork(const struct task_struct *child)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 child_tgid = BPF_CORE_READ(child, tgid);
+	struct zc_task *t = bpf_map_lookup_elem(&zc_tasks, &tgid);
+	struct zc_task ct = {};
+
+	if (!t || !t->rx_mapped || child_tgid == tgid)
+		return 0;	/* a new thread shares the process's mappings */
+	ct.cgroup_id = t->cgroup_id;
+	ct.rx_mapped = 1;
+	if (bpf_map_update_elem(&zc_tasks, &child_tgid, &ct, BPF_ANY))
+		stat_inc(proc_map_full);
+	emit(ZC_EV_FORK, tgid, 0, 0, 0, 0, 0, child_tgid, 0, 0);
+	return 0;
+}
+
+static __always_inline void regs_args(struct pt_regs *regs, __u64 *a)
+{
+	a[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	a[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	a[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	a[3] = PT_REGS_PARM4_CORE_SYSCALL(regs);
+	a[4] = PT_REGS_PARM5_CORE_SYSCALL(regs);
+	a[5] = 0;	/* no watched syscall has a sixth argument we use */
+}
+
+static __always_inline int enter_regs(struct pt_regs *regs, long nr)
+{
+	__u64 a[6];
+
+	if (!watched(nr))
+		return 0;
+	regs_args(regs, a);
+	return on_enter(nr, a);
+}
+
+/* ---- sys_enter: raw tracepoint args are (struct pt_regs *regs, long id) ---- */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter__tp_btf, struct pt_regs *regs, long id)
+{
+	return enter_regs(regs, id);
+}
+
+SEC("raw_tp/sys_enter")
+int BPF_PROG(sys_enter__raw_tp, struct pt_regs *regs, long id)
+{
+	return enter_regs(regs, id);
+}
+
+SEC("tracepoint/raw_syscalls/sys_enter")
+int sys_enter__tracepoint(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 a[6];
+
+	if (!watched(ctx->id))
+		return 0;
+	/* One load per field: the verifier refuses ctx access through a moved pointer. */
+	a[0] = ctx->args[0];
+	a[1] = ctx->args[1];
+	a[2] = ctx->args[2];
+	a[3] = ctx->args[3];
+	a[4] = ctx->args[4];
+	a[5] = ctx->args[5];
+	return on_enter(ctx->id, a);
+}
+
+/* ---- sys_exit: (struct pt_regs *regs, long ret); the number is in regs ---- */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit__tp_btf, struct pt_regs *regs, long ret)
+{
+	return on_exit(SYSCALL_NR(regs), ret);
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit__raw_tp, struct pt_regs *regs, long ret)
+{
+	return on_exit(SYSCALL_NR(regs), ret);
+}
+
+SEC("tracepoint/raw_syscalls/sys_exit")
+int sys_exit__tracepoint(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx->id, ctx->ret);
+}
+
+/* ---- sched_process_exit: every thread; the process is gone with its last ---- */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(sched_process_exit__tp_btf, struct task_struct *p)
+{
+	return on_process_exit();
+}
+
+SEC("raw_tp/sched_process_exit")
+int BPF_PROG(sched_process_exit__raw_tp, struct task_struct *p)
+{
+	return on_process_exit();
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int sched_process_exit__tracepoint(void *ctx)
+{
+	return on_process_exit();
+}
+
+/* ---- sched_process_exec: the old address space and its mappings are gone ---- */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(sched_process_exec__tp_btf, struct task_struct *p)
+{
+	return on_exec();
+}
+
+SEC("raw_tp/sched_process_exec")
+int BPF_PROG(sched_process_exec__raw_tp, struct task_struct *p)
+{
+	return on_exec();
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int sched_process_exec__tracepoint(void *ctx)
+{
+	return on_exec();
+}
+
+/*
+ * ---- sched_process_fork: a child process inherits the mappings ----
+ * No classic-tracepoint variant: it gives the child's pid but not whether it is a thread.
+ */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(sched_process_fork__tp_btf, struct task_struct *parent, struct task_struct *child)
+{
+	return on_fork(child);
+}
+
+SEC("raw_tp/sched_process_fork")
+int BPF_PROG(sched_process_fork__raw_tp, struct task_struct *parent, struct task_struct *child)
+{
+	return on_fork(child);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,226 @@
+"""Reader of the memcg domain (bpf/memcg.bpf.c) and the per-memcg join of everything:
+socket memory (events and polled files), zerocopy counters and the ledger's unaccounted
+bytes, plus the pure filters behind `dump --cgroup/--pid/--verify`.
+
+Headline per memcg: would_be_charged_bytes = socket memory charged now + TCP-rx-zerocopy
+bytes mapped now. The second term is charged to nobody today; the sum is what the memcg
+would be charged if network pages stayed accounted while user space maps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .. import abi, libbpf, probes
+from ..snapshot import MemcgSelfStats, MemcgSnapshot, ProcessSnapshot, Snapshot, Unavailable
+from . import cgroups, zerocopy
+from .ledger import PAGE
+from .zerocopy import COUNTER_FIELDS, ProcessFigures, add_counters, comm_of, zerocopy_stats
+
+TRACEPOINT_SOURCE = "tracepoint memcg:mod_memcg_state (MEMCG_SOCK)"
+FUNCTION_SOURCE = "function probes (socket charge/uncharge)"
+# Either pair of functions covers every socket charge of a kernel: new names, then old.
+FUNCTION_HOOK_PAIRS = (("sk_charge", "sk_uncharge"), ("charge_skmem", "uncharge_skmem"))
+TOP_PROCESSES = 10
+
+
+@dataclass(frozen=True)
+class SockEvents:
+    charged_pages: int
+    uncharged_pages: int
+
+
+def event_source(hierarchy: str | None, status: Iterable[probes.ProbeStatus]
+                 ) -> tuple[str | None, str]:
+    """The event source of socket-memory figures on this kernel, or None and why not."""
+    attached = {s.hook for s in status if s.attached}
+    if hierarchy == "v2" and "mod_memcg_state" in attached:
+        return TRACEPOINT_SOURCE, ""
+    for charge, uncharge in FUNCTION_HOOK_PAIRS:
+        if charge in attached and uncharge in attached:
+            return FUNCTION_SOURCE, ""
+    if hierarchy == "v1":
+        return None, ("cgroup v1 socket memory has no tracepoint and no charge/uncharge "
+                      "function probe attached (see `netmemtrace probes`); polled only")
+    return None, "memcg:mod_memcg_state not attached (see `netmemtrace probes`); polled only"
+
+
+class MemcgReader:
+    def __init__(self, obj: libbpf.Object) -> None:
+        btf = abi.btf("memcg")
+        self._sock_t = btf.struct("memcg_sock")
+        self._stats_t = btf.struct("memcg_stats")
+        self._sock = obj.map("memcg_sock")
+        self._stats = obj.map("memcg_stats")
+
+    def read(self, source: str | None) -> dict[int, SockEvents]:
+        prefix = "tp" if source == TRACEPOINT_SOURCE else "fn"
+        out = {}
+        for key, per_cpu in self._sock.items():
+            vals = [abi.decode(self._sock_t, v) for v in per_cpu]
+            out[int.from_bytes(key, "little")] = SockEvents(
+                sum(getattr(v, f"{prefix}_charged_pages") for v in vals),
+                sum(getattr(v, f"{prefix}_uncharged_pages") for v in vals))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        per_cpu = self._stats.items()[0][1]
+        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
+        return {name: sum(getattr(d, name) for d in decoded)
+                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
+
+
+CrossCheck = Callable[[int, int], tuple[int | Unavailable, int | Unavailable]]
+
+
+def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
+                 ledger_hwm: dict[int, int], sock: dict[int, SockEvents],
+                 source: str | None, source_reason: str,
+                 resolver: cgroups.CgroupResolver | None, now_ns: int,
+                 cross_check: CrossCheck) -> tuple[MemcgSnapshot, ...]:
+    by_memcg: dict[int, list[ProcessFigures]] = {}
+    for p in procs:
+        by_memcg.setdefault(p.memcg_id, []).append(p)
+    ids = set(by_memcg) | set(exited) | set(sock)
+    if resolver:
+        resolver.refresh()
+    out = []
+    for memcg_id in sorted(ids):
+        members = by_memcg.get(memcg_id, [])
+        path = resolver.path(memcg_id) if resolver else None
+        ident = cgroups.identity(path) if path else cgroups.CgroupIdentity(None, None, None,
+                                                                          None, None)
+        counters = exited.get(memcg_id, dict.fromkeys(COUNTER_FIELDS, 0))
+        for p in members:
+            counters = add_counters(counters, p.counters)
+        unaccounted = sum(p.unaccounted_bytes for p in members)
+        oldest = [p.oldest_mapped_ns for p in members if p.oldest_mapped_ns is not None]
+        processes = tuple(sorted(
+            (_process(p, now_ns, cross_check) for p in members),
+            key=lambda p: (-p.zerocopy_unaccounted_bytes, p.pid)))[:TOP_PROCESSES]
+
+        charged: int | Unavailable
+        uncharged: int | Unavailable
+        net: int | Unavailable
+        if source is None:
+            charged = uncharged = net = Unavailable(source_reason)
+        else:
+            ev = sock.get(memcg_id, SockEvents(0, 0))
+            charged, uncharged = ev.charged_pages, ev.uncharged_pages
+            net = (charged - uncharged) * PAGE
+        now_bytes, now_source = _polled(resolver, path)
+        out.append(MemcgSnapshot(
+            cgroup_id=memcg_id, hierarchy=resolver.hierarchy if resolver else "none",
+            path=path, runtime=ident.runtime, container_id=ident.container_id,
+            pod_uid=ident.pod_uid, qos_class=ident.qos_class, systemd_unit=ident.systemd_unit,
+            sock_event_source=source, sock_charged_pages_total=charged,
+            sock_uncharged_pages_total=uncharged, sock_net_charged_since_attach_bytes=net,
+            sock_charged_now_bytes=now_bytes, sock_charged_now_source=now_source,
+            zerocopy=zerocopy_stats(counters, sum(p.inflight_bytes for p in members)),
+            zerocopy_unaccounted_bytes=unaccounted,
+            zerocopy_unaccounted_hwm_bytes=ledger_hwm.get(memcg_id, 0),
+            zerocopy_oldest_mapped_age_ns=now_ns - min(oldest) if oldest else None,
+            would_be_charged_bytes=now_bytes + unaccounted if isinstance(now_bytes, int)
+            else now_bytes,
+            processes=processes,
+        ))
+    return tuple(out)
+
+
+def _polled(resolver: cgroups.CgroupResolver | None, path: str | None
+            ) -> tuple[int | Unavailable, str]:
+    if resolver is None:
+        return Unavailable("no memory cgroup hierarchy mounted"), "none"
+    if path is None:
+        return Unavailable("memory cgroup deleted (or not found on its hierarchy)"), "none"
+    try:
+        polled = cgroups.polled_sock(resolver, path)
+    except (OSError, ValueError) as exc:
+        return Unavailable(f"cannot read the memcg's files: {exc}"), "none"
+    return (polled.bytes if polled.bytes is not None else Unavailable(polled.reason),
+            polled.source)
+
+
+def _process(p: ProcessFigures, now_ns: int, cross_check: CrossCheck) -> ProcessSnapshot:
+    smaps: int | Unavailable
+    diff: int | Unavailable
+    if p.counters["rx_calls"]:
+        smaps, diff = cross_check(p.pid, p.unaccounted_bytes)
+    else:  # smaps is read only for TCP_ZEROCOPY_RECEIVE callers, never for every process
+        smaps = diff = Unavailable("process never called TCP_ZEROCOPY_RECEIVE")
+    return ProcessSnapshot(
+        pid=p.pid, comm=comm_of(p.pid), memcg_id=p.memcg_id,
+        zerocopy=zerocopy_stats(p.counters, p.inflight_bytes),
+        zerocopy_unaccounted_bytes=p.unaccounted_bytes,
+        zerocopy_unaccounted_hwm_bytes=p.unaccounted_hwm_bytes,
+        zerocopy_oldest_mapped_age_ns=now_ns - p.oldest_mapped_ns
+        if p.oldest_mapped_ns is not None else None,
+        smaps_socket_rss_bytes=smaps, ledger_vs_smaps_bytes=diff)
+
+
+
+class MemcgCollector:
+    """Both domains joined per memcg; what Session calls once per snapshot."""
+
+    def __init__(self, memcg_obj: probes.LoadedObject, zerocopy_obj: probes.LoadedObject,
+                 max_ranges: int = 65536) -> None:
+        self._memcg_obj = memcg_obj
+        self.memcg = MemcgReader(memcg_obj.obj)
+        self.zerocopy = zerocopy.ZerocopyReader(zerocopy_obj.obj, max_ranges)
+        self.resolver = cgroups.CgroupResolver.for_memory()
+
+    def read(self, now_ns: int) -> tuple[tuple[MemcgSnapshot, ...], MemcgSelfStats]:
+        source, reason = event_source(self.resolver.hierarchy if self.resolver else None,
+                                      self._memcg_obj.status())
+        procs, exited, hwm = self.zerocopy.read()
+        memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
+                              self.resolver, now_ns, zerocopy.cross_check)
+        zs, ms, led = self.zerocopy.stats(), self.memcg.stats(), self.zerocopy.ledger
+        mismatched = sum(1 for m in memcgs for p in m.processes
+                         if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)
+        return memcgs, MemcgSelfStats(
+            ringbuf_lost_events=zs["ringbuf_full"], ledger_ranges=led.nranges,
+            ledger_overflow_ranges=led.overflow_ranges, ledger_overflow_bytes=led.overflow_bytes,
+            tx_tracker_overflow_sends=self.zerocopy.tx.overflow_sends,
+            pending_full=zs["pending_full"], proc_map_full=zs["proc_map_full"],
+            memcg_map_full=ms["memcg_map_full"], memcg_unresolved=ms["memcg_unresolved"],
+            smaps_mismatch_pids=mismatched)
+
+    def close(self) -> None:
+        self.zerocopy.close()
+
+# ---- filters for `dump --cgroup PATH --pid PID` and `--verify` (pure, over Snapshot) ----
+
+def filter_snapshot(snap: Snapshot, cgroup: str | None = None, pid: int | None = None
+                    ) -> Snapshot:
+    """Only memcgs at or under cgroup; with pid, only the memcgs and process row of pid."""
+    memcgs = []
+    for m in snap.memcgs:
+        if cgroup is not None and (m.path is None or not cgroups.is_under(m.path, cgroup)):
+            continue
+        if pid is not None:
+            procs = tuple(p for p in m.processes if p.pid == pid)
+            if not procs:
+                continue
+            m = dataclasses.replace(m, processes=procs)
+        memcgs.append(m)
+    return dataclasses.replace(snap, memcgs=tuple(memcgs))
+
+
+def verify_table(snap: Snapshot) -> str:
+    """Ledger vs /proc/PID/smaps socket: Rss, one row per process, side by side."""
+    rows = [("PID", "MEMCG", "LEDGER_BYTES", "SMAPS_SOCKET_RSS_BYTES", "DIFF")]
+    for m in snap.memcgs:
+        for p in m.processes:
+            rows.append((str(p.pid), m.path or f"id {m.cgroup_id}",
+                         str(p.zerocopy_unaccounted_bytes), _text(p.smaps_socket_rss_bytes),
+                         _text(p.ledger_vs_smaps_bytes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _text(v: int | Unavailable) -> str:
+    return f"unavailable ({v.reason})" if isinstance(v, Unavailable) else str(v)

@@ -1,0 +1,243 @@
+"""Reader of the zerocopy domain (bpf/zerocopy.bpf.c): per-process syscall counters from a
+per-CPU map, and the zc_events ring buffer feeding the mapping ledger (unaccounted rx
+bytes) and the tx tracker (MSG_ZEROCOPY bytes in flight).
+
+The ring buffer is drained by a thread this reader owns (started in __init__, stopped in
+close()); read() drains what is left under the same lock, so a snapshot includes every
+event submitted before it started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import threading
+from dataclasses import dataclass
+
+from .. import abi, libbpf
+from ..snapshot import Unavailable, ZerocopyStats
+from .ledger import PAGE, Ledger
+
+ZC_EV_RX_MAP, ZC_EV_UNMAP, ZC_EV_MAP_NEW, ZC_EV_MREMAP = 1, 2, 3, 4
+ZC_EV_EXIT, ZC_EV_FORK, ZC_EV_TX_SEND, ZC_EV_TX_DONE = 5, 6, 7, 8
+_U32 = 1 << 32
+COUNTER_FIELDS = (
+    "rx_calls", "rx_errors", "rx_mapped_bytes", "rx_copied_bytes", "rx_skip_hint_bytes",
+    "rx_sock_errors", "rx_read_faults", "tx_zc_calls", "tx_zc_bytes", "tx_zc_errors",
+    "tx_zc_ignored_calls", "tx_notifications", "tx_completed_sends", "tx_copied_sends",
+)
+
+
+class TxTracker:
+    """MSG_ZEROCOPY bytes per send-id block and socket, until their completion is read.
+
+    Send ids are per socket u32 serial numbers (sk_zckey); one send call takes one id,
+    a completion covers an inclusive id range.
+    """
+
+    def __init__(self, max_blocks: int = 65536) -> None:
+        self.max_blocks = max_blocks
+        self.overflow_sends = 0
+        self._blocks: dict[int, list[tuple[int, int, int, int]]] = {}  # sk -> (lo, n, B, tgid)
+        self._nblocks = 0
+
+    def send(self, sk: int, tgid: int, first_id: int, end_id: int, nbytes: int) -> None:
+        if self._nblocks >= self.max_blocks:
+            self.overflow_sends += 1
+            return
+        self._blocks.setdefault(sk, []).append((first_id, (end_id - first_id) % _U32,
+                                                nbytes, tgid))
+        self._nblocks += 1
+
+    def done(self, sk: int, lo: int, hi: int) -> None:
+        span = (hi - lo) % _U32
+        blocks = self._blocks.get(sk, [])
+        keep = [b for b in blocks if not ((b[0] - lo) % _U32 + b[1] - 1 <= span)]
+        self._nblocks -= len(blocks) - len(keep)
+        if keep:
+            self._blocks[sk] = keep
+        else:
+            self._blocks.pop(sk, None)
+
+    def drop_process(self, tgid: int) -> None:
+        """The sender is gone: its sockets are closed and their notifications with them."""
+        for sk in list(self._blocks):
+            keep = [b for b in self._blocks[sk] if b[3] != tgid]
+            self._nblocks -= len(self._blocks[sk]) - len(keep)
+            if keep:
+                self._blocks[sk] = keep
+            else:
+                del self._blocks[sk]
+
+    def inflight_bytes(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for blocks in self._blocks.values():
+            for _lo, _n, nbytes, tgid in blocks:
+                out[tgid] = out.get(tgid, 0) + nbytes
+        return out
+
+
+def smaps_socket_rss(pid: int) -> int:
+    """Rss, in bytes, of the mappings of pid backed by a socket (TCP zerocopy windows)."""
+    total = 0
+    in_socket = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=6)
+            if len(first) >= 5 and "-" in first[0] and ":" in first[3]:
+                in_socket = len(first) == 6 and first[5].startswith("socket:")
+            elif in_socket and line.startswith("Rss:"):
+                total += int(first[1]) * 1024
+    return total
+
+
+def comm_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessFigures:
+    """What the zerocopy reader knows about one (process, memcg) pair."""
+
+    pid: int
+    memcg_id: int
+    counters: dict[str, int]
+    unaccounted_bytes: int
+    unaccounted_hwm_bytes: int
+    oldest_mapped_ns: int | None
+    inflight_bytes: int
+
+
+def zerocopy_stats(counters: dict[str, int], inflight: int) -> ZerocopyStats:
+    mapped, copied = counters["rx_mapped_bytes"], counters["rx_copied_bytes"]
+    return ZerocopyStats(
+        rx_mapped_pages=mapped // PAGE,
+        rx_zerocopy_ratio=mapped / (mapped + copied) if mapped + copied else None,
+        tx_inflight_bytes=inflight,
+        **counters)
+
+
+def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in COUNTER_FIELDS}
+
+
+class ZerocopyReader:
+    def __init__(self, obj: libbpf.Object, max_ranges: int = 65536) -> None:
+        btf = abi.btf("zerocopy")
+        self._key_t = btf.struct("zc_key")
+        self._counters_t = btf.struct("zc_counters")
+        self._event_t = btf.struct("zc_event")
+        self._stats_t = btf.struct("zc_stats")
+        self._counters = obj.map("zc_counters")
+        self._stats = obj.map("zc_stats")
+        self.ledger = Ledger(max_ranges)
+        self.tx = TxTracker()
+        self.exited: dict[int, dict[str, int]] = {}  # memcg id -> counters of exited procs
+        self.bad_events = 0
+        self._lock = threading.Lock()
+        self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="netmemtrace-zc", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Wait for samples outside the lock, consume under it: read() never waits on a
+        # poll timeout (libbpf's ring_buffer is not safe to poll from two threads at once).
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._rb], [], [], 0.05)
+            if ready:
+                with self._lock:
+                    self._rb.poll(0)
+
+    def _on_event(self, raw: bytes) -> None:
+        if len(raw) < ctypes.sizeof(self._event_t):
+            self.bad_events += 1
+            return
+        e = abi.decode(self._event_t, raw)
+        led = self.ledger
+        if e.type == ZC_EV_RX_MAP:
+            led.rx_map(e.tgid, e.cgroup_id, e.addr, e.len, e.ts_ns, e.len2)
+        elif e.type == ZC_EV_UNMAP:
+            led.unmap(e.tgid, e.addr, e.len)
+        elif e.type == ZC_EV_MAP_NEW:
+            led.unmap(e.tgid, e.addr, e.len)  # a new mapping replaced whatever was there
+        elif e.type == ZC_EV_MREMAP:
+            led.remap(e.tgid, e.addr, e.len, e.addr2, e.len2)
+        elif e.type == ZC_EV_FORK:
+            led.fork(e.tgid, e.aux)
+        elif e.type == ZC_EV_EXIT:
+            led.exit(e.tgid)
+            if not e.flags:  # exit, not exec: fold its counters into its memcg
+                self._retire(e.tgid)
+        elif e.type == ZC_EV_TX_SEND:
+            self.tx.send(e.sk, e.tgid, e.aux, e.aux2, e.len)
+        elif e.type == ZC_EV_TX_DONE:
+            self.tx.done(e.sk, e.aux, e.aux2)
+        else:
+            self.bad_events += 1
+
+    def _read_counters(self) -> dict[tuple[int, int], dict[str, int]]:
+        out = {}
+        for key, per_cpu in self._counters.items():
+            k = abi.decode(self._key_t, key)
+            vals = [abi.decode(self._counters_t, v) for v in per_cpu]
+            out[(k.tgid, k.cgroup_id)] = {f: sum(getattr(v, f) for v in vals)
+                                           for f in COUNTER_FIELDS}
+        return out
+
+    def _retire(self, tgid: int) -> None:
+        """An exited process: its counters move to its memcg's exited total, its keys go."""
+        self.tx.drop_process(tgid)
+        for (pid, memcg), counters in self._read_counters().items():
+            if pid != tgid:
+                continue
+            self.exited[memcg] = add_counters(self.exited.get(memcg, {}), counters)
+            key = self._key_t(tgid=pid, cgroup_id=memcg)
+            self._counters.delete(key)
+
+    def stats(self) -> dict[str, int]:
+        per_cpu = self._stats.items()[0][1]
+        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
+        return {name: sum(getattr(d, name) for d in decoded)
+                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
+
+    def read(self) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:
+        """(per-process figures, exited counters per memcg, ledger hwm per memcg)."""
+        with self._lock:
+            self._rb.poll(0)
+            counters = self._read_counters()
+            led = self.ledger
+            inflight = self.tx.inflight_bytes()
+            procs = []
+            for (pid, memcg), c in counters.items():
+                # Ledger figures belong to the memcg the process mapped them in.
+                own = led.memcg_of(pid) in (None, memcg)
+                procs.append(ProcessFigures(
+                    pid=pid, memcg_id=memcg, counters=c,
+                    unaccounted_bytes=led.held_bytes(pid) if own else 0,
+                    unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0) if own else 0,
+                    oldest_mapped_ns=led.oldest_mapped_ns(pid) if own else None,
+                    inflight_bytes=inflight.get(pid, 0)))
+            return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._rb.close()
+
+
+def cross_check(pid: int, ledger_bytes: int) -> tuple[int | Unavailable, int | Unavailable]:
+    """(smaps socket: Rss, ledger - smaps) for a process seen receiving zerocopy."""
+    try:
+        rss = smaps_socket_rss(pid)
+    except OSError as exc:
+        reason = Unavailable(f"/proc/{pid}/smaps: {os.strerror(exc.errno or 0)}")
+        return reason, reason
+    return rss, ledger_bytes - rss
+

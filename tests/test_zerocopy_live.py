@@ -1,0 +1,242 @@
+"""Live: a C workload (MSG_ZEROCOPY sender + TCP_ZEROCOPY_RECEIVE reader over loopback in a
+netns the test creates) runs in child memory cgroups the test creates; the tool's figures
+for its process and memcg must equal the totals the workload printed, the mapping ledger
+must equal the socket: Rss in /proc/PID/smaps, and the polled v1 socket memory must equal
+memory.kmem.tcp.usage_in_bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from memcg_helpers import child_memcg
+
+from netmemtrace import abi, probes
+from netmemtrace.collect.memcg import filter_snapshot, verify_table
+from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
+from netmemtrace.session import Session
+from netmemtrace.snapshot import Unavailable
+
+pytestmark = pytest.mark.live
+STREAM = 8_000_000
+COUNTERS = ("rx_calls", "rx_errors", "rx_mapped_bytes", "rx_copied_bytes",
+            "rx_skip_hint_bytes", "tx_zc_calls", "tx_zc_bytes", "tx_notifications",
+            "tx_completed_sends", "tx_copied_sends")
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory) -> str:
+    exe = tmp_path_factory.mktemp("zc") / "zc_workload"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-pthread", "-o", str(exe),
+                    str(REPO / "tests/workloads/zc_workload.c")], check=True)
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    name = f"nmt-zc-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@pytest.fixture(scope="module")
+def session() -> Iterator[Session]:
+    with Session() as s:
+        yield s
+
+
+class Workload:
+    """The workload in a memcg (joined first: `ip netns exec` remounts /sys) and a netns."""
+
+    def __init__(self, exe: str, netns: str, memcg_dir: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {memcg_dir}/cgroup.procs && exec "$@"', "sh",
+             "ip", "netns", "exec", netns, exe, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.totals = self.line()
+        self.pid = self.totals["pid"]
+
+    def line(self) -> dict:
+        text = self.proc.stdout.readline()
+        assert text, f"workload died: rc={self.proc.wait()}"
+        return json.loads(text)
+
+    def command(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def memcg_row(snap, path: str):
+    rows = [m for m in snap.memcgs if m.path == path]
+    assert len(rows) == 1, f"{path} not in {[m.path for m in snap.memcgs]}"
+    return rows[0]
+
+
+def process_row(snap, pid: int):
+    rows = [p for m in filter_snapshot(snap, pid=pid).memcgs for p in m.processes]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_totals_and_attribution_match_the_workload(session, workload, netns) -> None:
+    with child_memcg("run", tcp_limit=1 << 30) as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "reuse", "errors")
+        try:
+            snap = session.read()
+            tcp_usage = int((d / "memory.kmem.tcp.usage_in_bytes").read_text())
+            m = memcg_row(snap, rel)
+            p = process_row(snap, w.pid)
+            t = w.totals
+            for name in COUNTERS:
+                assert getattr(p.zerocopy, name) == t[name], name
+                assert getattr(m.zerocopy, name) == t[name], name
+            assert t["rx_errors"] == 2 and t["tx_zc_bytes"] == STREAM
+            assert t["rx_mapped_bytes"] > 0 and t["tx_copied_sends"] == t["tx_zc_calls"]
+            assert p.zerocopy.tx_inflight_bytes == 0  # every completion was read
+            assert p.zerocopy.rx_mapped_pages * 4096 == t["rx_mapped_bytes"]
+            assert (m.cgroup_id, m.hierarchy) == (os.stat(d).st_ino, "v1")
+            assert p.memcg_id == m.cgroup_id and p.comm == "zc_workload"
+            # reuse mode: the kernel zaps what it is about to map (sometimes more than it
+            # then maps), so the page tables (smaps) are the ground truth here
+            held = smaps_socket_rss(w.pid)
+            assert 0 < p.zerocopy_unaccounted_bytes == held == p.smaps_socket_rss_bytes
+            assert p.ledger_vs_smaps_bytes == 0
+            # v1 polled socket memory, against the kernel's own file
+            assert m.sock_charged_now_source == "memory.kmem.tcp.usage_in_bytes (polled)"
+            assert m.sock_charged_now_bytes == tcp_usage
+            assert isinstance(m.sock_charged_pages_total, Unavailable)
+            assert m.would_be_charged_bytes == tcp_usage + held
+            assert str(w.pid) in verify_table(filter_snapshot(snap, cgroup=rel))
+            assert filter_snapshot(snap, cgroup=rel + "-other").memcgs == ()
+            assert session.read().memcg_self_stats.ringbuf_lost_events == 0
+        finally:
+            w.stop()
+
+
+def test_v1_without_tcp_limit_is_inactive_not_zero(session, workload, netns) -> None:
+    with child_memcg("inactive") as (d, rel):
+        w = Workload(workload, netns, d, "1000000", "reuse")
+        try:
+            m = memcg_row(session.read(), rel)
+            assert isinstance(m.sock_charged_now_bytes, Unavailable)
+            assert "inactive" in m.sock_charged_now_bytes.reason
+            assert isinstance(m.would_be_charged_bytes, Unavailable)
+            assert m.zerocopy_unaccounted_bytes == smaps_socket_rss(w.pid)
+        finally:
+            w.stop()
+
+
+def test_ledger_hold_dontneed_half_munmap(session, workload, netns) -> None:
+    with child_memcg("hold") as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "hold")
+        try:
+            held = w.totals["held_bytes"]
+            assert held == w.totals["rx_mapped_bytes"] > STREAM // 2
+            for step in (None, "dontneed_half", "munmap"):
+                if step:
+                    held = w.command(step)["held_bytes"]
+                snap = session.read()
+                p = process_row(snap, w.pid)
+                assert p.zerocopy_unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                assert memcg_row(snap, rel).zerocopy_unaccounted_bytes == held
+            assert held == 0
+            m = memcg_row(snap, rel)
+            assert m.zerocopy_unaccounted_hwm_bytes == w.totals["rx_mapped_bytes"]
+        finally:
+            w.stop()
+
+
+def test_sigkill_while_holding_leaves_nothing(session, workload, netns) -> None:
+    with child_memcg("kill") as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "hold")
+        assert process_row(session.read(), w.pid).zerocopy_unaccounted_bytes > 0
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait()
+        snap = session.read()
+        m = memcg_row(snap, rel)
+        assert m.zerocopy_unaccounted_bytes == 0 and m.processes == ()
+        assert w.pid not in session._memcg.zerocopy.ledger.pids()
+        # Its counters survive in the memcg's totals.
+        assert m.zerocopy.rx_mapped_bytes == w.totals["rx_mapped_bytes"]
+
+
+def test_map_then_discard(session, workload, netns) -> None:
+    with child_memcg("discard") as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "discard")
+        try:
+            p = process_row(session.read(), w.pid)
+            assert w.totals["held_bytes"] == 0 == p.zerocopy_unaccounted_bytes
+            assert p.zerocopy.rx_mapped_bytes == w.totals["rx_mapped_bytes"] > STREAM // 2
+            assert 0 < p.zerocopy_unaccounted_hwm_bytes <= 16 * 4096
+        finally:
+            w.stop()
+
+
+def test_two_readers_in_two_memcgs(session, workload, netns) -> None:
+    with child_memcg("r1") as (d1, rel1), child_memcg("r2") as (d2, rel2):
+        w1 = Workload(workload, netns, d1, str(STREAM), "hold")
+        w2 = Workload(workload, netns, d2, str(STREAM // 2), "hold")
+        try:
+            snap = session.read()
+            for w, rel in ((w1, rel1), (w2, rel2)):
+                m = memcg_row(snap, rel)
+                assert [p.pid for p in m.processes] == [w.pid]
+                assert m.zerocopy_unaccounted_bytes == w.totals["held_bytes"]
+                assert m.zerocopy.rx_mapped_bytes == w.totals["rx_mapped_bytes"]
+        finally:
+            w1.stop()
+            w2.stop()
+
+
+def test_spinning_reader_killed_mid_call(session, workload, netns) -> None:
+    with child_memcg("spin") as (d, rel):
+        w = Workload(workload, netns, d, "0", "spin", "errors")
+        time.sleep(0.3)
+        w.stop()  # SIGKILL, most likely inside a getsockopt
+        snap = session.read()
+        m = memcg_row(snap, rel)
+        assert m.zerocopy.rx_calls > 2 and m.zerocopy.rx_errors == 2
+        assert m.zerocopy.rx_mapped_bytes == 0 and m.zerocopy_unaccounted_bytes == 0
+        assert snap.errors == ()
+
+
+def test_ledger_overflow_is_counted(workload, netns) -> None:
+    lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")))
+    reader = ZerocopyReader(lo.obj, max_ranges=4)
+    try:
+        with child_memcg("overflow") as (d, _):
+            w = Workload(workload, netns, d, str(STREAM), "hold")
+            try:
+                procs, _, _ = reader.read()
+                mine = [p for p in procs if p.pid == w.pid]
+                assert len(mine) == 1
+                led = reader.ledger
+                assert led.nranges == 4 and led.overflow_ranges > 0
+                assert 0 < mine[0].unaccounted_bytes < w.totals["held_bytes"]
+                assert mine[0].unaccounted_bytes + led.overflow_bytes >= w.totals["held_bytes"]
+                w.command("munmap")
+                procs, _, _ = reader.read()
+                assert [p.unaccounted_bytes for p in procs if p.pid == w.pid] == [0]
+            finally:
+                w.stop()
+    finally:
+        reader.close()
+        lo.close()
