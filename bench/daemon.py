@@ -45,9 +45,23 @@ def first_snapshot() -> dict[str, object]:
             raise BenchError(f"reader.py --once failed: {out.stderr.strip()[-300:]}")
         imp, sess, read = map(float, line.split()[1:])
         runs.append({"import_s": imp, "session_s": sess, "first_read_s": read,
-                     "session_plus_read_s": sess + read, "exec_to_ready_s": wall})
+                     "session_plus_read_s": sess + read, "exec_to_ready_s": wall,
+                     "top_first_frame_s": top_first_frame()})
     return {"runs": runs,
             "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+
+
+def top_first_frame() -> float:
+    """Exec of `netmemtrace top --batch` to its first line on stdout (issue 6: < 1 s)."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "top", "--batch",
+                             "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline() if proc.stdout else b""
+    took = time.monotonic() - start
+    proc.wait(timeout=30)
+    if not line:
+        raise BenchError(f"top --batch printed nothing: {proc.stderr.read().decode()[-300:]}")
+    return took
 
 
 def steady_state(use_serve: bool) -> dict[str, object]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from types import FrameType
+from types import FrameType, ModuleType
 
-from . import __version__, abi, demo, explaincmd, libbpf, probes, serve, topcmd
+from . import __version__, abi, demo, libbpf, probes
 from .collect import memcg
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
@@ -37,7 +38,24 @@ def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
     raise _Terminate
 
 
-def _parser() -> argparse.ArgumentParser:
+# Commands whose module brings heavy imports (curses; prometheus_client, bcrypt, yaml, ssl):
+# imported only when that command runs, so every command starts fast.
+COMMAND_MODULES = {"top": "netmemtrace.topcmd", "serve": "netmemtrace.serve",
+                   "explain-zombie": "netmemtrace.explaincmd"}
+
+
+def _command_module(name: str) -> ModuleType:
+    return importlib.import_module(COMMAND_MODULES[name])
+
+
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with `only`, the lazily imported commands other than that one get
+    their help line but not their options (main() parses one command per run)."""
+
+    def add_options(command: str, sub_parser: argparse.ArgumentParser) -> None:
+        if only is None or only == command:
+            _command_module(command).add_arguments(sub_parser)
+
     p = argparse.ArgumentParser(
         prog="netmemtrace", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="eBPF observability for Linux network memory: page_pool inflight and "
@@ -80,13 +98,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "Keys: q quit, s/S sort column/reverse, / filter, tab "
                                    "switch table, p pause. --batch prints plain-text frames "
                                    "instead (logs, scripts).")
-    topcmd.add_arguments(t)
+    add_options("top", t)
 
     e = sub.add_parser("serve", help="Prometheus exporter daemon: /metrics and /healthz",
                        description="Attach once and serve /metrics (Prometheus text or "
                                    "OpenMetrics) and /healthz until SIGTERM/SIGINT. Metrics, "
                                    "flags and deployment: deploy/README.md.")
-    serve.add_arguments(e)
+    add_options("serve", e)
 
     x = sub.add_parser("explain-zombie",
                        help="one-shot report: who holds a zombie page pool's pages",
@@ -94,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "print a plain-text report of every zombie page pool (or "
                                    "POOL: id, 0xaddress or netdev): holders, whether it heals "
                                    "by itself, what was checked. Paste it into a bug report.")
-    explaincmd.add_arguments(x)
+    add_options("explain-zombie", x)
 
     m = sub.add_parser("demo", help="run the built-in veth + XDP + TCP workload",
                        description="Create two network namespaces joined by a veth pair with "
@@ -147,14 +165,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "top": topcmd.run, "serve": serve.run,
-            "explain-zombie": explaincmd.run, "demo": _cmd_demo}
+COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if w in COMMAND_MODULES or w in COMMANDS), None)
+    args = _parser(only=command).parse_args(words)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command in COMMAND_MODULES:
+            return _command_module(args.command).run(args)
         return COMMANDS[args.command](args)
     except (probes.SetupError, abi.AbiError, libbpf.LibbpfError, demo.DemoError) as exc:
         print(f"netmemtrace: {exc}", file=sys.stderr)

@@ -86,6 +86,17 @@ def catalogue(obj: libbpf.Object) -> dict[str, Hook]:
     return hooks
 
 
+def read_catalogue(path: str, btf_path: str | None = None) -> dict[str, Hook]:
+    with libbpf.Object(path, btf_path) as obj:
+        return catalogue(obj)
+
+
+def function_targets(hooks: dict[str, Hook]) -> set[str]:
+    """Kernel functions the hooks' fentry/kprobe programs attach to."""
+    return {c.tracepoint for h in hooks.values() for c in h.candidates
+            if c.mechanism in ("fentry", "kprobe")}
+
+
 @functools.cache
 def _btf_tracepoints() -> frozenset[str]:
     """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs).
@@ -181,11 +192,7 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
     """
-    probe_obj = libbpf.Object(path, btf_path)
-    hooks = catalogue(probe_obj)
-    probe_obj.close()
-    kallsyms.lookup(c.tracepoint for h in hooks.values() for c in h.candidates
-                    if c.mechanism in ("fentry", "kprobe"))  # one scan for the object
+    hooks = read_catalogue(path, btf_path)
     for hook in hooks.values():
         for cand in hook.candidates:
             if force and cand.mechanism != force:

@@ -10,11 +10,16 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import abi, caps, libbpf, probes
+from . import abi, caps, kallsyms, libbpf, probes
 from .collect import netlink, resolve
 from .collect.holders import HoldersCollector, ScanReport
 from .collect.memcg import MemcgCollector
-from .collect.netmem import DEFAULT_SAMPLE_N, NetmemReader, sample_threshold
+from .collect.netmem import (
+    DEFAULT_SAMPLE_N,
+    HEAD_PAGE_SYMBOLS,
+    NetmemReader,
+    sample_threshold,
+)
 from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
 
@@ -46,6 +51,11 @@ class Session:
         self._memcg: MemcgCollector | None = None
         self._holders: HoldersCollector | None = None
         try:
+            # Every kernel symbol any object or reader asks about, in one /proc/kallsyms scan.
+            kallsyms.lookup(set().union(
+                *(probes.function_targets(probes.read_catalogue(str(path), btf_path))
+                  for name in OBJECTS if (path := abi.BPF_OBJ_DIR / f"{name}.bpf.o").exists()),
+                resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
             for name in OBJECTS:
                 try:
                     self.loaded.append(probes.load_object(

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import bpf_prog_ids
 
-from netmemtrace import abi, libbpf, probes
+from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import (
     APP_HOOKS,
     ARGS_HOOKS,
@@ -30,8 +30,7 @@ FUNCTION_HOOKS = {"page_pool_alloc_netmems", "page_pool_put_unrefed_netmem", "na
 
 
 def test_catalogue() -> None:
-    with libbpf.Object(OBJ) as obj:
-        hooks = probes.catalogue(obj)
+    hooks = probes.read_catalogue(OBJ)
     mechs = {name: [c.mechanism for c in h.candidates] for name, h in hooks.items()}
     for name in TRACEPOINT_HOOKS:
         assert mechs[name] == ["tp_btf", "raw_tp", "tracepoint"], name

@@ -9,15 +9,14 @@ import sys
 import pytest
 from conftest import REPO, bpf_prog_ids, prog_ids_held_by
 
-from netmemtrace import abi, libbpf, probes
+from netmemtrace import abi, probes
 from netmemtrace.cli import format_probes
 
 OBJ = str(abi.object_path("pagepool"))
 
 
 def test_catalogue_is_read_from_program_names() -> None:
-    with libbpf.Object(OBJ) as obj:
-        hooks = probes.catalogue(obj)
+    hooks = probes.read_catalogue(OBJ)
     assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
         "tp_btf", "raw_tp", "tracepoint"]
     assert [c.mechanism for c in hooks["page_pool_destroy"].candidates] == ["fentry", "kprobe"]

@@ -112,9 +112,8 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     with demo.VethTopology() as topo:
         run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
         try:
-            # Interpreter start, attach and the first snapshot, on an otherwise idle
-            # topology: the budget is one second.
-            first_frame_s = run.first_frame_s()
+            # A frame right after attach; its time is measured by bench/, not asserted here.
+            run.first_frame_s()
             traffic = Traffic(topo)
             try:
                 frames = run.finish()
@@ -122,7 +121,6 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
                 traffic.stop()
         finally:
             run.close()
-    assert first_frame_s < 1.0, f"first frame after {first_frame_s:.2f} s, attach included"
     assert len(frames) == 2
     assert all(r["HOLD/s"] == r["REL/s"] == top.UNKNOWN
                for r in frames[0].tables["PAGE POOLS"])

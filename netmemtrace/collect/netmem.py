@@ -70,6 +70,7 @@ PROVIDER_TYPES = {"host": "page", "dmabuf": "dmabuf", "io_uring": "io_uring"}
 HEAD_PAGES_REASON = ("skb head pages cannot be mapped to their struct page here "
                      "(page_offset_base/vmemmap_base not in /proc/kallsyms: x86-64 with "
                      "CONFIG_KALLSYMS_ALL only), so pages in the stack look driver-held")
+HEAD_PAGE_SYMBOLS = ("page_offset_base", "vmemmap_base")
 _ABSENT = ("not found in /proc/kallsyms", "not in this kernel")
 
 
@@ -252,7 +253,7 @@ def head_page_symbols() -> tuple[int, int]:
     CONFIG_KALLSYMS_ALL, to root)."""
     if platform.machine() != "x86_64":
         return 0, 0
-    found = kallsyms.lookup(("page_offset_base", "vmemmap_base"))
+    found = kallsyms.lookup(HEAD_PAGE_SYMBOLS)
     return found.get("page_offset_base", 0), found.get("vmemmap_base", 0)
 
 
