@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
+#include "common.bpf.h"
 
 #define MAX_MEMCGS 16384
 #define MAX_TASKS 16384
@@ -44,14 +45,8 @@ struct {
 	__type(value, struct charge_args);
 } pending_charge SEC(".maps");
 
-#define stat_inc(field)							\
-	({								\
-		__u32 _zero = 0;					\
-		struct memcg_stats *_s;					\
-		_s = bpf_map_lookup_elem(&memcg_stats, &_zero);		\
-		if (_s)							\
-			_s->field += 1;					\
-	})
+#define stat_add(field, n) STAT_ADD(memcg_stats, struct memcg_stats, field, n)
+#define stat_inc(field) stat_add(field, 1)
 
 static __always_inline __u64 memcg_cgroup_id(const struct mem_cgroup *memcg)
 {
@@ -93,15 +88,20 @@ static __always_inline bool is_sock_item(int item)
 	return item == bpf_core_enum_value(enum memcg_stat_item, MEMCG_SOCK);
 }
 
-static __always_inline int on_mod_state(__u64 id, int val)
+/* The record of memcg id, counting events whose memcg could not be read. */
+static __always_inline struct memcg_sock *memcg_sock_of(__u64 id)
 {
-	struct memcg_sock *m;
-
 	if (!id) {
 		stat_inc(memcg_unresolved);
-		return 0;
+		return NULL;
 	}
-	m = memcg_sock_get(id);
+	return memcg_sock_get(id);
+}
+
+static __always_inline int on_mod_state(__u64 id, int val)
+{
+	struct memcg_sock *m = memcg_sock_of(id);
+
 	if (!m)
 		return 0;
 	if (val >= 0)
@@ -114,13 +114,8 @@ static __always_inline int on_mod_state(__u64 id, int val)
 
 static __always_inline int on_fn_charge(__u64 id, __u64 nr_pages, bool charged)
 {
-	struct memcg_sock *m;
+	struct memcg_sock *m = memcg_sock_of(id);
 
-	if (!id) {
-		stat_inc(memcg_unresolved);
-		return 0;
-	}
-	m = memcg_sock_get(id);
 	if (!m)
 		return 0;
 	if (charged)

@@ -33,6 +33,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
+#include "common.bpf.h"
 
 #define MAX_TRACKED 32768
 #define MAX_POOLS 1024
@@ -116,14 +117,7 @@ struct {
 	__type(value, struct call);
 } fn_calls SEC(".maps");
 
-#define stat_add(field, n)						\
-	({								\
-		__u32 _zero = 0;					\
-		struct netmem_stats *_s;				\
-		_s = bpf_map_lookup_elem(&netmem_stats, &_zero);	\
-		if (_s)							\
-			_s->field += (n);				\
-	})
+#define stat_add(field, n) STAT_ADD(netmem_stats, struct netmem_stats, field, n)
 #define stat_inc(field) stat_add(field, 1)
 
 static __always_inline bool sampled(__u64 netmem)
@@ -152,20 +146,6 @@ static __always_inline __u32 log2_u64(__u64 v)
 	v >>= shift;
 	r |= shift;
 	return r | (v >> 1);
-}
-
-static __always_inline __u64 task_memcg_id(void)
-{
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
-	struct cgroup_subsys_state *css;
-
-	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
-		return 0;
-	css = BPF_CORE_READ(task, cgroups, subsys[id]);
-	if (!css)
-		return 0;
-	return BPF_CORE_READ(css, cgroup, kn, id);
 }
 
 static __always_inline enum netmem_type netmem_type_of(__u64 netmem)

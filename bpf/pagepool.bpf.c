@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
+#include "common.bpf.h"
 
 #define MAX_POOLS 4096
 #define MAX_CPUS 1024
@@ -53,14 +54,8 @@ struct {
 	__type(value, struct retired_pool);
 } retired_scratch SEC(".maps");
 
-#define stat_inc(field)							\
-	({								\
-		__u32 _zero = 0;					\
-		struct pagepool_stats *_s;				\
-		_s = bpf_map_lookup_elem(&pagepool_stats, &_zero);	\
-		if (_s)							\
-			_s->field += 1;					\
-	})
+#define stat_add(field, n) STAT_ADD(pagepool_stats, struct pagepool_stats, field, n)
+#define stat_inc(field) stat_add(field, 1)
 
 static __always_inline void read_netdev(struct pool_info *info, struct net_device *dev)
 {

@@ -21,6 +21,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
+#include "common.bpf.h"
 
 #define MAX_PROCS 16384
 #define MAX_THREADS 16384
@@ -128,29 +129,8 @@ struct {
  * where userspace learns its layout. */
 const struct zc_event *zc_event_abi __attribute__((unused));
 
-#define stat_inc(field)							\
-	({								\
-		__u32 _zero = 0;					\
-		struct zc_stats *_s;					\
-		_s = bpf_map_lookup_elem(&zc_stats, &_zero);		\
-		if (_s)							\
-			_s->field += 1;					\
-	})
-
-/* The memory cgroup of the current task, on whichever hierarchy memory is mounted. */
-static __always_inline __u64 task_memcg_id(void)
-{
-	struct task_struct *task = (void *)bpf_get_current_task();
-	int id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
-	struct cgroup_subsys_state *css;
-
-	if (id < 0 || id >= CGROUP_SUBSYS_COUNT)
-		return 0;
-	css = BPF_CORE_READ(task, cgroups, subsys[id]);
-	if (!css)
-		return 0;
-	return BPF_CORE_READ(css, cgroup, kn, id);
-}
+#define stat_add(field, n) STAT_ADD(zc_stats, struct zc_stats, field, n)
+#define stat_inc(field) stat_add(field, 1)
 
 static __always_inline struct zc_counters *counters_get(__u32 tgid, bool rx_mapped)
 {

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from types import TracebackType
+from typing import Self
 
 XDP_OBJECT = pathlib.Path(__file__).parent / "bpfobj" / "xdp_pass.bpf.o"
 _PEER_SCRIPT = pathlib.Path(__file__).with_name("_demo_peer.py")
@@ -53,7 +53,20 @@ def _ip(*args: str) -> str:
     return done.stdout
 
 
-class VethTopology:
+class _ClosedOnExit:
+    """`with` support for the demo's resources: leaving the block calls close()."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class VethTopology(_ClosedOnExit):
     """Two fresh network namespaces joined by a veth pair, native XDP on the receiving end.
 
     Traffic from ``tx_addr`` (in ``tx_netns`` on ``tx_dev``) to ``rx_addr`` (in ``rx_netns`` on
@@ -125,17 +138,6 @@ class VethTopology:
         finally:
             while self._netns:
                 _ip("netns", "del", self._netns.pop())
-
-    def __enter__(self) -> VethTopology:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _spawn_peer(netns: str, *args: object) -> subprocess.Popen[bytes]:
@@ -209,7 +211,7 @@ def tcp_stream(topo: VethTopology, nbytes: int, port: int = 0) -> int:
         _reap(procs)
 
 
-class HeldConnection:
+class HeldConnection(_ClosedOnExit):
     """A TCP connection whose receiver never reads, so its receive queue keeps holding the
     page_pool pages the data arrived in, until close() kills both endpoints."""
 
@@ -223,17 +225,6 @@ class HeldConnection:
 
     def close(self) -> None:
         _reap(self._procs)
-
-    def __enter__(self) -> HeldConnection:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def hold_unread(topo: VethTopology, nbytes: int, port: int = 0) -> HeldConnection:
