@@ -17,6 +17,8 @@ from conftest import REPO
 from netmemtrace import cli, probes, topcmd
 from netmemtrace.probes import ProbeStatus
 from netmemtrace.snapshot import (
+    DevmemSocket,
+    Holder,
     MemcgSelfStats,
     MemcgSnapshot,
     PoolSnapshot,
@@ -45,6 +47,7 @@ class Frame:
     tables: dict[str, list[dict[str, str]]]  # "PAGE POOLS" -> rows as {column title: text}
     marked: dict[str, list[bool]]            # "PAGE POOLS" -> highlight marker per row
     notes: dict[str, str]
+    details: list[str] = dataclasses.field(default_factory=list)  # lines under rows
 
 
 def _cells(line: str) -> list[str]:
@@ -70,6 +73,8 @@ def parse_frames(text: str) -> list[Frame]:
             frames[-1].tables[table], frames[-1].marked[table], titles = [], [], []
         elif table is None:
             frames[-1].header.append(line)
+        elif line.startswith("    holder "):
+            frames[-1].details.append(line.strip())
         elif line.startswith("  (") and len(_cells(line)) == 1:
             frames[-1].notes[table] = line.strip()[1:-1]
         elif not titles:
@@ -220,6 +225,40 @@ def test_zombie_rows_are_marked_with_their_age() -> None:
     assert next(r for r in rows if r["NETDEV"] == "veth1")["STATE"] == "zombie 1m05s"
     assert [line for line in text.splitlines() if line.startswith(top.MARK)] == \
         [line for line in text.splitlines() if "veth1" in line]
+
+
+def test_zombie_row_expands_to_its_holders() -> None:
+    holders = (
+        Holder(kind="socket", pages=10, self_healing=False, detail="unread receive queue",
+               protocol="tcp", state="ESTABLISHED", netns="blue", local_addr="10.0.0.2:80",
+               remote_addr="10.0.0.1:4242", pid=321, comm="server"),
+        Holder(kind="cpu-deferred-free", pages=2, self_healing=True, detail="cpu 1 list",
+               cpu=1),
+    )
+    pools = (make_pool(pool_addr=2, netdev="veth1", state="zombie", zombie_age_ns=SEC,
+                       inflight_pages=12, inflight_bytes=12 * 4096, holders=holders),)
+    text = top.batch_frame(make_snap(T0, pools), None, top.ViewState())
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith(top.MARK))
+    assert lines[row + 1].strip() == ("holder socket: 10 pages  tcp ESTABLISHED "
+                                      "10.0.0.2:80 <- 10.0.0.1:4242 pid 321 (server) netns blue")
+    assert lines[row + 2].strip() == "holder cpu-deferred-free: 2 pages  cpu 1  self-healing"
+    (frame,) = parse_frames(text)
+    assert len(frame.tables["PAGE POOLS"]) == 1 and len(frame.details) == 2
+
+
+def test_devmem_tokens_summed_per_memcg() -> None:
+    sock = DevmemSocket(
+        sock_addr=1, pid=5, comm="app", memcg_id=42, memcg_path="/a", state="open",
+        recvmsg_calls=3, recvmsg_errors=0, tokens_received=9, dontneed_calls=1,
+        dontneed_errors=0, tokens_returned=2, tokens_freed_on_destroy=0, tokens_outstanding=7,
+        netmem_held=7, first_seen_age_ns=0, destroy_age_ns=None)
+    socks = (sock, dataclasses.replace(sock, sock_addr=2, tokens_outstanding=4))
+    snap = dataclasses.replace(make_snap(T0, ()), devmem_sockets=socks)
+    assert top.devmem_tokens_by_memcg(snap) == {42: 11}
+    gone = dataclasses.replace(sock, sock_addr=3, tokens_outstanding=Unavailable("x"))
+    assert isinstance(top.devmem_tokens_by_memcg(
+        dataclasses.replace(snap, devmem_sockets=(*socks, gone)))[42], Unavailable)
 
 
 # ---- sorting and filtering ----------------------------------------------------------------
@@ -376,6 +415,7 @@ def test_memcg_table() -> None:
         "MEMCG": "/kubepods/burstable/podab/cd", "CONTAINER": "0123456789ab/fedcba987654",
         "SOCK_NOW": "1.0MiB", "CHARGED_PG": "300", "ZC_MAPPED": "3.0MiB",
         "ZC_COPIED": "4.0KiB", "UNACCT_ZC": "2.0MiB", "WOULD_BE": "3.0MiB",
+        "DEVMEM_TOK": "n/a",  # no netmem object in this snapshot: unknown, not 0
     }
     assert (rows[2]["CONTAINER"], rows[2]["SOCK_NOW"], rows[2]["CHARGED_PG"]) == \
         ("demo.service", "n/a", "n/a")

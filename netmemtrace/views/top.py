@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..snapshot import MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
+from ..snapshot import Holder, MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
 
 UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
 SORT_MARK = "*"        # after the title of the column the table is sorted by
@@ -47,6 +47,7 @@ class Cell:
 class Row:
     cells: tuple[Cell, ...]
     highlight: bool = False
+    details: tuple[str, ...] = ()  # lines shown under the row (a zombie's holders)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,18 @@ def pool_row(p: PoolSnapshot, rates: tuple[float, float] | None) -> Row:
         _number(hold_rate, human_count),
         _number(release_rate, human_count),
         _state(p),
-    ), highlight=p.state == "zombie")
+    ), highlight=p.state == "zombie", details=tuple(holder_line(h) for h in p.holders))
+
+
+def holder_line(h: Holder) -> str:
+    """One holder of a zombie pool's pages, as the line under its pool row."""
+    who = " ".join(x for x in (
+        h.protocol, h.state, h.local_addr and f"{h.local_addr} <- {h.remote_addr or '*'}",
+        h.pid is not None and f"pid {h.pid} ({h.comm or '?'})", h.netns and f"netns {h.netns}",
+        h.cpu is not None and f"cpu {h.cpu}") if x)
+    heal = "  self-healing" if h.self_healing else ""
+    partial = "  partial scan" if h.partial_scan else ""
+    return f"    holder {h.kind}: {h.pages} pages  {who or h.detail}{heal}{partial}"
 
 
 def pool_table(cur: Snapshot, prev: Snapshot | None) -> Table:
@@ -209,7 +221,7 @@ SOCK_NOW = Column("SOCK_NOW", True)
 MEMCG_COLUMNS = (
     Column("MEMCG"), Column("CONTAINER"), SOCK_NOW,
     Column("CHARGED_PG", True), Column("ZC_MAPPED", True), Column("ZC_COPIED", True),
-    Column("UNACCT_ZC", True), Column("WOULD_BE", True),
+    Column("UNACCT_ZC", True), Column("WOULD_BE", True), Column("DEVMEM_TOK", True),
 )
 
 
@@ -220,7 +232,17 @@ def _who(m: MemcgSnapshot) -> str:
     return m.systemd_unit or UNKNOWN
 
 
-def memcg_row(m: MemcgSnapshot) -> Row:
+def devmem_tokens_by_memcg(snap: Snapshot) -> dict[int, int | Unavailable]:
+    """Devmem tokens outstanding per memcg id, summed over its sockets."""
+    out: dict[int, int | Unavailable] = {}
+    for sock in snap.devmem_sockets:
+        have, add = out.get(sock.memcg_id, 0), sock.tokens_outstanding
+        out[sock.memcg_id] = add if isinstance(add, Unavailable) else \
+            have if isinstance(have, Unavailable) else have + add
+    return out
+
+
+def memcg_row(m: MemcgSnapshot, devmem_tokens: int | Unavailable) -> Row:
     path = m.path if m.path is not None else f"(deleted) id {m.cgroup_id}"
     return Row((
         Cell(path, path),
@@ -231,6 +253,7 @@ def memcg_row(m: MemcgSnapshot) -> Row:
         _number(m.zerocopy.rx_copied_bytes, human_bytes),
         _number(m.zerocopy_unaccounted_bytes, human_bytes),
         _number(m.would_be_charged_bytes, human_bytes),
+        _number(devmem_tokens),
     ))
 
 
@@ -239,7 +262,11 @@ def memcg_table(snap: Snapshot) -> Table:
         note = NO_MEMCG
     else:
         note = "no memory cgroup with socket memory or zerocopy seen yet"
-    return Table("MEMORY CGROUPS", MEMCG_COLUMNS, tuple(memcg_row(m) for m in snap.memcgs),
+    # No netmem object: token counts are unknown, not zero.
+    tokens = devmem_tokens_by_memcg(snap)
+    none: int | Unavailable = snap.netmem if isinstance(snap.netmem, Unavailable) else 0
+    rows = tuple(memcg_row(m, tokens.get(m.cgroup_id, none)) for m in snap.memcgs)
+    return Table("MEMORY CGROUPS", MEMCG_COLUMNS, rows,
                  note=None if snap.memcgs else note)
 
 
@@ -295,8 +322,10 @@ def section(table: Table, state: TableState, focused: bool) -> Section:
     return Section(
         title=title,
         header=_join(titles, table.columns, widths, " "),
-        rows=[(_join([c.text for c in r.cells], table.columns, widths,
-                     MARK if r.highlight else " "), r.highlight) for r in rows],
+        rows=[line for r in rows for line in (
+            (_join([c.text for c in r.cells], table.columns, widths,
+                   MARK if r.highlight else " "), r.highlight),
+            *((d, False) for d in r.details))],
         note=note,
     )
 
