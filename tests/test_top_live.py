@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bpf_prog_ids
+from conftest import REPO, bpf_prog_ids, prog_ids_held_by
 from test_demo import _pool_releases
 from test_top import Frame, parse_frames, top_command
 
@@ -59,15 +58,6 @@ class Traffic:
         self._stop.set()
         self._thread.join(timeout=60)
         assert not self._thread.is_alive() and not self.errors, self.errors
-
-
-def bpf_fd_prog_ids(pid: int) -> set[int]:
-    """Programs a process holds, from its BPF fds' fdinfo (the kernel's word, not ours)."""
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        with contextlib.suppress(FileNotFoundError), open(info) as f:  # fd closed meanwhile
-            ids |= {int(m[1]) for m in re.finditer(r"^prog_id:\s+(\d+)", f.read(), re.M)}
-    return ids
 
 
 def rows_of(frame: Frame, netdev: str) -> list[tuple[dict[str, str], bool]]:
@@ -164,10 +154,13 @@ class Tmux:
 
     def __init__(self, tmp: Path, command: list[str], width: int, height: int) -> None:
         self.socket = str(tmp / "tmux.sock")
+        self.status_file = tmp / "exit-status"
         conf = tmp / "tmux.conf"
-        conf.write_text("set -g remain-on-exit on\n")  # keep the exit status readable
+        conf.write_text("set -g remain-on-exit on\n")  # keep the pane readable after exit
+        # The shell records the exit status itself: tmux's pane_dead_status is racy.
         self._tmux("-f", str(conf), "new-session", "-d", "-s", "top", "-x", str(width),
-                   "-y", str(height), "-c", str(REPO), "exec " + shlex.join(command))
+                   "-y", str(height), "-c", str(REPO),
+                   f"{shlex.join(command)}; echo $? > {shlex.quote(str(self.status_file))}")
 
     def _tmux(self, *args: str) -> str:
         # The server passes its environment to the pane: a LINES or COLUMNS inherited from
@@ -194,6 +187,12 @@ class Tmux:
 
     def literal(self, text: str) -> None:
         self._tmux("send-keys", "-t", "top", "-l", text)
+
+    def program_pid(self) -> int:
+        """The command's pid: the only child of the pane's shell."""
+        shell = int(self.pane("#{pane_pid}"))
+        (child,) = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+        return int(child)
 
     def pane(self, fmt: str) -> str:
         return self._tmux("display-message", "-p", "-t", "top", fmt).strip()
@@ -235,8 +234,8 @@ def _visible(screen: list[str], name: str) -> bool:
 def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:
     term = tmux_top
     term.wait("the first frame", lambda screen: screen[0].startswith(top.FRAME_START))
-    pid = int(term.pane("#{pane_pid}"))
-    ours = bpf_fd_prog_ids(pid)
+    pid = term.program_pid()
+    ours = prog_ids_held_by(pid)
     assert ours and ours <= bpf_prog_ids()
     with demo.VethTopology() as a, demo.VethTopology() as b:
         traffic = Traffic(a, b)
@@ -278,8 +277,9 @@ def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:
         finally:
             traffic.stop()
     term.keys("q")
-    wait_for("top to exit", lambda: term.pane("#{pane_dead}") == "1", timeout=10)
-    assert term.pane("#{pane_dead_status}") == "0"
+    wait_for("top to exit", lambda: term.status_file.exists()
+             and term.status_file.read_text().endswith("\n"), timeout=10)
+    assert term.status_file.read_text() == "0\n"
     # Every program it loaded is gone with it (the kernel frees them shortly after the
     # last fd closes, hence the wait).
     wait_for("its BPF programs to be freed", lambda: not ours & bpf_prog_ids(), timeout=10,

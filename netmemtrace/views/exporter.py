@@ -7,18 +7,22 @@ counters, HELP on every family. Label values are escaped by prometheus_client.
 
 A figure the kernel cannot give here (Unavailable in the Snapshot) is never exported as 0:
 its series is left out and `netmemtrace_figure_unavailable_info{figure, reason, ...}` says
-which metric is missing for which pool and why.
+which metric is missing for which pool or memory cgroup and why.
+
+Per-cgroup series are capped (max_cgroups): the top cgroups by memory each have their own
+series, the rest are summed into one series labelled cgroup="other".
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -26,16 +30,44 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..probes import MECHANISMS, ProbeStatus
-from ..snapshot import PoolSnapshot, Snapshot, Unavailable
+from ..snapshot import (
+    DevmemSocket,
+    HoldHistogram,
+    MemcgSelfStats,
+    MemcgSnapshot,
+    NetmemStates,
+    NetmemSummary,
+    PoolSnapshot,
+    Snapshot,
+    Unavailable,
+)
 
 # Identity of a pool. `state` is deliberately not among them: a pool going active -> zombie
 # -> released must stay one series, or rate() over its counters would break at each step.
 POOL_LABELS = ("netdev", "ifindex", "netns", "pool_id", "napi_id", "provider")
 POOL_STATES = ("active", "zombie", "released")
+# Identity of a memory cgroup: its path on its hierarchy (v1/v2), and the Kubernetes pod UID
+# and container ("runtime://id", as kube-state-metrics writes container_id) it belongs to.
+MEMCG_LABELS = ("cgroup", "hierarchy", "pod", "container")
+OTHER = "other"           # cgroup label of the sum of cgroups beyond max_cgroups
+DELETED = "deleted"       # cgroup label of memcgs deleted since (real paths start with "/")
+NETMEM_STATES = ("pool", "driver", "stack", "application")
+# Hold-time histogram bounds: every other log2 bucket edge from 2^10 ns (1 us) to 2^40 ns
+# (18 min). The BPF buckets are [2^i, 2^(i+1)) ns, so "<= 2^k - 1 ns" is exactly the sum of
+# the buckets below 2^k: le is (2^k - 1) ns, in seconds.
+HOLD_LE_LOG2 = tuple(range(10, 41, 2))
 NS_PER_S = 1e9
+NO_POOL = ("",) * len(POOL_LABELS)
+NO_MEMCG = ("",) * len(MEMCG_LABELS)
 
 _UNIT = ("page_pool's unit, as the kernel's pages_state_hold_cnt counts it: one allocation "
          "of 2^page_order pages, or one net_iov")
+_CAPPED = ("Only the top N cgroups by memory (socket memory + unaccounted zerocopy, "
+           "--max-cgroups) have their own series; the others are summed into cgroup=\"other\" "
+           "(sum of the figures known for them), whose counters drop when a cgroup moves "
+           "into the top N.")
+_ESTIMATED = ("Estimated: 1 in netmemtrace_netmem_sample_factor netmem is tracked and "
+              "counts are scaled by that factor.")
 Figure = int | float | None | Unavailable
 
 
@@ -48,6 +80,17 @@ class PoolMetric:
     help: str
     series: tuple[tuple[tuple[str, ...], Callable[[PoolSnapshot], Figure]], ...]
     extra_labels: tuple[str, ...] = ()
+    merge: Callable[[Iterable[float]], float] = sum
+
+
+@dataclass(frozen=True)
+class MemcgMetric:
+    """One per-memcg family; merge combines cgroups summed into one series."""
+
+    name: str
+    kind: str
+    help: str
+    get: Callable[[MemcgSnapshot], Figure]
     merge: Callable[[Iterable[float]], float] = sum
 
 
@@ -106,6 +149,83 @@ POOL_METRICS = (
         (((), _kernel("inflight_bytes")),)),
 )
 
+
+def _zc(field: str) -> Callable[[MemcgSnapshot], Figure]:
+    return lambda m: getattr(m.zerocopy, field)
+
+
+def _memcg_counter(name: str, field: str, what: str) -> MemcgMetric:
+    return MemcgMetric(f"netmemtrace_memcg_zerocopy_{name}", "counter",
+                       f"{what}, by the cgroup's processes (exited ones included) since "
+                       f"netmemtrace attached. {_CAPPED}", _zc(field))
+
+
+MEMCG_METRICS = (
+    MemcgMetric(
+        "netmemtrace_memcg_sock_charged_bytes", "gauge",
+        "Socket memory charged to the memory cgroup now, bytes (memory.stat sock on v2, "
+        "memory.kmem.tcp.usage_in_bytes on v1). Absent where the cgroup accounts no socket "
+        f"memory (v1 without a tcp limit), see netmemtrace_figure_unavailable_info. {_CAPPED}",
+        lambda m: m.sock_charged_now_bytes),
+    MemcgMetric(
+        "netmemtrace_memcg_sock_charged_pages", "counter",
+        "Socket memory pages charged to the cgroup since netmemtrace attached (charge "
+        f"events). {_CAPPED}", lambda m: m.sock_charged_pages_total),
+    MemcgMetric(
+        "netmemtrace_memcg_sock_uncharged_pages", "counter",
+        "Socket memory pages uncharged from the cgroup since netmemtrace attached. "
+        f"{_CAPPED}", lambda m: m.sock_uncharged_pages_total),
+    MemcgMetric(
+        "netmemtrace_zerocopy_unaccounted_bytes", "gauge",
+        "TCP receive zerocopy memory the cgroup's processes keep mapped now, bytes: "
+        "uncharged from socket memory when mapped and charged to no memory cgroup, so no "
+        f"memory limit bounds it. {_CAPPED}", lambda m: m.zerocopy_unaccounted_bytes),
+    MemcgMetric(
+        "netmemtrace_zerocopy_unaccounted_hwm_bytes", "gauge",
+        "Highest netmemtrace_zerocopy_unaccounted_bytes of the cgroup since netmemtrace "
+        f"started, bytes (for cgroup=\"other\": the sum of their highs). {_CAPPED}",
+        lambda m: m.zerocopy_unaccounted_hwm_bytes),
+    MemcgMetric(
+        "netmemtrace_zerocopy_oldest_mapped_age_seconds", "gauge",
+        "Age of the oldest TCP receive zerocopy page the cgroup's processes still map; "
+        f"absent when none is mapped (cgroup=\"other\": the oldest of them). {_CAPPED}",
+        lambda m: _ns_to_s(m.zerocopy_oldest_mapped_age_ns), merge=max),
+    MemcgMetric(
+        "netmemtrace_memcg_would_be_charged_bytes", "gauge",
+        "Socket memory charged now + unaccounted zerocopy memory mapped now, bytes: what "
+        "the cgroup would be charged if network pages stayed accounted while user space "
+        f"maps them. Absent when socket memory is unknown. {_CAPPED}",
+        lambda m: m.would_be_charged_bytes),
+    _memcg_counter("rx_calls", "rx_calls", "getsockopt(TCP_ZEROCOPY_RECEIVE) calls"),
+    _memcg_counter("rx_errors", "rx_errors", "TCP_ZEROCOPY_RECEIVE calls that failed"),
+    _memcg_counter("rx_mapped_bytes", "rx_mapped_bytes",
+                   "Bytes TCP_ZEROCOPY_RECEIVE mapped into the processes"),
+    _memcg_counter("rx_copied_bytes", "rx_copied_bytes",
+                   "Bytes TCP_ZEROCOPY_RECEIVE copied through the copybuf"),
+    _memcg_counter("rx_skip_hint_bytes", "rx_skip_hint_bytes",
+                   "Bytes TCP_ZEROCOPY_RECEIVE left for a normal read (recv_skip_hint)"),
+    _memcg_counter("rx_sock_errors", "rx_sock_errors",
+                   "TCP_ZEROCOPY_RECEIVE calls reporting a socket error"),
+    _memcg_counter("rx_read_faults", "rx_read_faults",
+                   "TCP_ZEROCOPY_RECEIVE results netmemtrace could not read back"),
+    _memcg_counter("tx_calls", "tx_zc_calls",
+                   "send*(MSG_ZEROCOPY) calls on SO_ZEROCOPY sockets that sent"),
+    _memcg_counter("tx_bytes", "tx_zc_bytes", "Bytes sent with MSG_ZEROCOPY"),
+    _memcg_counter("tx_errors", "tx_zc_errors", "MSG_ZEROCOPY sends that failed"),
+    _memcg_counter("tx_ignored_calls", "tx_zc_ignored_calls",
+                   "MSG_ZEROCOPY sends without SO_ZEROCOPY (the kernel copied)"),
+    _memcg_counter("tx_notifications", "tx_notifications",
+                   "Zerocopy completion messages read from the error queue"),
+    _memcg_counter("tx_completed_sends", "tx_completed_sends",
+                   "MSG_ZEROCOPY sends those completions covered"),
+    _memcg_counter("tx_copied_sends", "tx_copied_sends",
+                   "Completed MSG_ZEROCOPY sends the kernel copied anyway"),
+    MemcgMetric(
+        "netmemtrace_memcg_zerocopy_tx_inflight_bytes", "gauge",
+        "Bytes sent with MSG_ZEROCOPY whose completion was not read yet (pinned user "
+        f"memory). {_CAPPED}", _zc("tx_inflight_bytes")),
+)
+
 # A hook's reason is "MECH: failure; MECH: failure" (probes.Hook.reason); split it only where
 # a known mechanism name starts the next part, so a "; " inside a failure text stays intact.
 _REASON_SPLIT = re.compile("; (?=(?:" + "|".join(MECHANISMS) + "): )")
@@ -126,17 +246,71 @@ def pool_labels(p: PoolSnapshot) -> tuple[str, ...]:
                  for v in (p.netdev, p.ifindex, p.netns, p.pool_id, p.napi_id, p.provider))
 
 
+def memcg_labels(m: MemcgSnapshot) -> tuple[str, ...]:
+    """Label values in MEMCG_LABELS order."""
+    container = f"{m.runtime or 'unknown'}://{m.container_id}" if m.container_id else ""
+    return (m.path if m.path is not None else DELETED, m.hierarchy, m.pod_uid or "", container)
+
+
+def memory_rank(m: MemcgSnapshot) -> int:
+    """What the cgroup cap ranks by: socket memory charged now (where known) + unaccounted
+    zerocopy, i.e. would_be_charged_bytes where that is available."""
+    sock = m.sock_charged_now_bytes
+    return m.zerocopy_unaccounted_bytes + (sock if isinstance(sock, int) else 0)
+
+
+def capped(items: Sequence, key: Callable[[object], object], limit: int
+           ) -> tuple[list, list]:
+    """(the top `limit` items by key, descending; the rest)."""
+    ranked = sorted(items, key=key, reverse=True)
+    return ranked[:limit], ranked[limit:]
+
+
 def _family(name: str, kind: str, help_text: str, labels: tuple[str, ...]) -> Metric:
     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
     return cls(name, help_text, labels=labels)
 
 
+def _sample_name(name: str, kind: str) -> str:
+    return name + ("_total" if kind == "counter" else "")
+
+
+def _combine(values: Iterable[Figure], merge: Callable[[Iterable[float]], float],
+             partial: bool) -> Figure:
+    """One series' value from several objects' figures: Unavailable if one is (or, with
+    partial, only if none is known), None if none is known, else merge of the known."""
+    values = list(values)
+    missing = next((v for v in values if isinstance(v, Unavailable)), None)
+    known = [v for v in values if v is not None and not isinstance(v, Unavailable)]
+    if missing is not None and not (partial and known):
+        return missing
+    return merge(known) if known else None
+
+
+class Unavailables:
+    """netmemtrace_figure_unavailable_info: one series per figure left out, and why."""
+
+    def __init__(self) -> None:
+        self.family = InfoMetricFamily(
+            "netmemtrace_figure_unavailable",
+            "A figure the kernel cannot give on this host: the series named by `figure` is "
+            "left out (never exported as 0); `reason` says why. `figure` is the sample name, "
+            "followed by the labels that pick the series within the object in selector form "
+            "(e.g. {state=\"driver\"}) when only some are missing. Pool and cgroup labels "
+            "name the object; they are empty for host-wide figures.",
+            labels=("figure", "reason", *POOL_LABELS, *MEMCG_LABELS))
+
+    def add(self, figure: str, reason: str, pool: tuple[str, ...] = NO_POOL,
+            memcg: tuple[str, ...] = NO_MEMCG) -> None:
+        self.family.add_metric((figure, reason, *pool, *memcg), {})
+
+
 class SnapshotCollector(Collector):
     """Yields every netmemtrace metric family from the Snapshot `source` returns.
 
-    source is called once per scrape; whatever it returns is the whole truth of that scrape.
-    max_cgroups bounds the per-cgroup series (top N by memory, the rest summed into one
-    cgroup="other" series) once cgroup figures are in the Snapshot.
+    source is called once per collect(); whatever it returns is the whole truth of that
+    scrape. max_cgroups bounds the per-cgroup (and per-process) series: the top N by memory,
+    the rest summed into one cgroup="other" series.
     """
 
     def __init__(self, source: Callable[[], Snapshot], max_cgroups: int = 100) -> None:
@@ -145,17 +319,14 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._source()
-        unavailable = InfoMetricFamily(
-            "netmemtrace_figure_unavailable",
-            "A figure the kernel cannot give on this host: the series named by `figure` is "
-            "left out (never exported as 0); `reason` says why. Pool labels are empty for "
-            "host-wide figures.",
-            labels=("figure", "reason", *POOL_LABELS))
+        unavailable = Unavailables()
         yield from self._build(snap)
         yield from self._probes(snap.probes)
         yield from self._pools(snap.pools, unavailable)
+        yield from self._memcgs(snap.memcgs, unavailable)
+        yield from self._devmem(snap, unavailable)
         yield from self._self_stats(snap, unavailable)
-        yield unavailable
+        yield unavailable.family
 
     @staticmethod
     def _build(snap: Snapshot) -> Iterator[Metric]:
@@ -195,8 +366,9 @@ class SnapshotCollector(Collector):
         yield attached
         yield failed
 
-    @staticmethod
-    def _pools(pools: tuple[PoolSnapshot, ...], unavailable: InfoMetricFamily
+    # ---- page pools ----------------------------------------------------------------------
+
+    def _pools(self, pools: tuple[PoolSnapshot, ...], unavailable: Unavailables
                ) -> Iterator[Metric]:
         # Pools that share an identity (pool_id unknown before 6.8, e.g. a driver's old zombie
         # pool and its replacement on the same queue) are one series: sums, or the max age.
@@ -219,33 +391,259 @@ class SnapshotCollector(Collector):
             fam = _family(spec.name, spec.kind, spec.help, (*POOL_LABELS, *spec.extra_labels))
             for labels, group in groups.items():
                 for extra, get in spec.series:
-                    values = [get(p) for p in group]
-                    missing = next((v for v in values if isinstance(v, Unavailable)), None)
-                    if missing is not None:
-                        unavailable.add_metric(
-                            (fam.name + ("_total" if spec.kind == "counter" else ""),
-                             missing.reason, *labels), {})
-                        continue
-                    present = [v for v in values if v is not None]
-                    if present:
-                        fam.add_metric((*labels, *extra), spec.merge(present))
+                    value = _combine((get(p) for p in group), spec.merge, partial=False)
+                    if isinstance(value, Unavailable):
+                        unavailable.add(_sample_name(spec.name, spec.kind), value.reason,
+                                        labels)
+                    elif value is not None:
+                        fam.add_metric((*labels, *extra), value)
             yield fam
+        yield from self._netmem_states(groups, unavailable)
+        yield from self._hold_histogram(groups, unavailable)
+        yield self._zombie_holders(groups)
 
     @staticmethod
-    def _self_stats(snap: Snapshot, unavailable: InfoMetricFamily) -> Iterator[Metric]:
-        st = snap.self_stats
+    def _netmem_states(groups: dict[tuple[str, ...], list[PoolSnapshot]],
+                       unavailable: Unavailables) -> Iterator[Metric]:
+        name = "netmemtrace_page_pool_netmem_pages"
+        pages = GaugeMetricFamily(
+            name, "A pool's netmem by who holds them now (state: pool = cached in the pool, "
+            "driver = allocated by the driver, stack = in an skb, application = devmem token "
+            "/ io_uring zcrx buffer handed to user space), by netmem type (page, dmabuf, "
+            f"io_uring, net_iov). {_ESTIMATED} A state netmemtrace cannot observe on this "
+            "kernel is absent, see netmemtrace_figure_unavailable_info.",
+            labels=(*POOL_LABELS, "netmem", "state"))
+        moves = CounterMetricFamily(
+            "netmemtrace_page_pool_netmem_transitions",
+            f"Netmem ownership transitions of a pool since netmemtrace attached. {_ESTIMATED}",
+            labels=(*POOL_LABELS, "from", "to"))
+        for labels, group in groups.items():
+            states: list[NetmemStates] = []
+            for p in group:
+                if isinstance(p.states, Unavailable):
+                    unavailable.add(name, p.states.reason, labels)
+                    unavailable.add(moves.name + "_total", p.states.reason, labels)
+                    break
+                states.append(p.states)
+            else:
+                by_key: dict[tuple[str, str], list[Figure]] = {}
+                transitions: dict[str, int] = {}
+                for st in states:
+                    for typ, counts in st.by_type.items():
+                        for s in NETMEM_STATES:
+                            by_key.setdefault((typ, s), []).append(counts.get(s))
+                    for move, n in st.transitions_total.items():
+                        transitions[move] = transitions.get(move, 0) + n
+                for (typ, s), values in by_key.items():
+                    value = _combine(values, sum, partial=False)
+                    if isinstance(value, Unavailable):
+                        unavailable.add(f'{name}{{netmem="{typ}",state="{s}"}}', value.reason,
+                                        labels)
+                    elif value is not None:
+                        pages.add_metric((*labels, typ, s), value)
+                for move, n in sorted(transitions.items()):
+                    src, _, dst = move.partition("->")
+                    moves.add_metric((*labels, src, dst), n)
+        yield pages
+        yield moves
+
+    @staticmethod
+    def _hold_histogram(groups: dict[tuple[str, ...], list[PoolSnapshot]],
+                        unavailable: Unavailables) -> Iterator[Metric]:
+        name = "netmemtrace_page_pool_netmem_hold_seconds"
+        hist = HistogramMetricFamily(
+            name, "How long applications held a pool's netmem (devmem tokens, io_uring zcrx "
+            "buffers) before giving it back, from log2 nanosecond buckets: le is 2^k - 1 ns "
+            f"(exact). Only pools whose applications gave netmem back have a series. "
+            f"{_ESTIMATED}", labels=POOL_LABELS)
+        for labels, group in groups.items():
+            hists: list[HoldHistogram] = []
+            for p in group:
+                if isinstance(p.netmem_hold_ns, Unavailable):
+                    unavailable.add(name + "_count", p.netmem_hold_ns.reason, labels)
+                    break
+                hists.append(p.netmem_hold_ns)
+            else:
+                buckets = [b for h in hists for b in h.buckets]
+                total = sum(b.count for b in buckets)
+                if not total:
+                    continue
+                cumulative = [(f"{((1 << k) - 1) / NS_PER_S:.12g}",
+                               sum(b.count for b in buckets if b.hi_ns <= 1 << k))
+                              for k in HOLD_LE_LOG2]
+                hist.add_metric(labels, [*cumulative, ("+Inf", total)],
+                                sum(h.sum_ns for h in hists) / NS_PER_S)
+        yield hist
+
+    @staticmethod
+    def _zombie_holders(groups: dict[tuple[str, ...], list[PoolSnapshot]]) -> Metric:
+        fam = GaugeMetricFamily(
+            "netmemtrace_page_pool_zombie_inflight_pages",
+            "In-flight pages of a zombie pool by who holds them (holder_kind: socket = a "
+            "socket's queues, process-mapping = TCP zerocopy mappings, cpu-deferred-free and "
+            "pool-ring = freed on the next RX of a CPU / by the pool itself (self-healing), "
+            "devmem-tokens, io_uring-zcrx, unattributed = the rest). Sums to the pool's "
+            "in-flight pages; zombie pools only.",
+            labels=(*POOL_LABELS, "holder_kind"))
+        for labels, group in groups.items():
+            kinds: dict[str, int] = {}
+            for p in group:
+                for h in p.holders:
+                    kinds[h.kind] = kinds.get(h.kind, 0) + h.pages
+            for kind, n in sorted(kinds.items()):
+                fam.add_metric((*labels, kind), n)
+        return fam
+
+    # ---- memory cgroups --------------------------------------------------------------------
+
+    def _memcgs(self, memcgs: tuple[MemcgSnapshot, ...], unavailable: Unavailables
+                ) -> Iterator[Metric]:
+        top, rest = capped(memcgs, lambda m: (memory_rank(m), m.path or ""), self.max_cgroups)
+        groups: dict[tuple[str, ...], list[MemcgSnapshot]] = {}
+        for m in top:
+            groups.setdefault(memcg_labels(m), []).append(m)
+        other = (OTHER, "", "", "")
+        yield GaugeMetricFamily(
+            "netmemtrace_memcg_other_cgroups",
+            "Memory cgroups beyond --max-cgroups, summed into the cgroup=\"other\" series "
+            "of the netmemtrace_memcg_* and netmemtrace_zerocopy_* families.",
+            value=len(rest))
+        for spec in MEMCG_METRICS:
+            fam = _family(spec.name, spec.kind, spec.help, MEMCG_LABELS)
+            sample = _sample_name(spec.name, spec.kind)
+            parts = [(labels, group, False) for labels, group in groups.items()]
+            if rest:
+                parts.append((other, rest, True))
+            for labels, group, partial in parts:
+                value = _combine((spec.get(m) for m in group), spec.merge, partial)
+                if isinstance(value, Unavailable):
+                    unavailable.add(sample, value.reason, memcg=labels)
+                elif value is not None:
+                    fam.add_metric(labels, value)
+            yield fam
+
+        procs = GaugeMetricFamily(
+            "netmemtrace_process_zerocopy_unaccounted_bytes",
+            "TCP receive zerocopy memory a process keeps mapped now, charged to no memory "
+            "cgroup, bytes. Only the top --max-cgroups processes with any (at most 10 per "
+            "cgroup) have a series; netmemtrace_zerocopy_unaccounted_bytes has the totals.",
+            labels=(*MEMCG_LABELS, "pid", "comm"))
+        holders = [(m, p) for m in memcgs for p in m.processes if p.zerocopy_unaccounted_bytes]
+        shown, _ = capped(holders, lambda mp: (mp[1].zerocopy_unaccounted_bytes, -mp[1].pid),
+                          self.max_cgroups)
+        for m, p in shown:
+            procs.add_metric((*memcg_labels(m), str(p.pid), p.comm or ""),
+                             p.zerocopy_unaccounted_bytes)
+        yield procs
+
+    def _devmem(self, snap: Snapshot, unavailable: Unavailables) -> Iterator[Metric]:
+        name = "netmemtrace_memcg_devmem_tokens_outstanding"
+        outstanding = GaugeMetricFamily(
+            name, "Devmem TCP tokens handed to the cgroup's open sockets and not given back "
+            f"yet (SO_DEVMEM_DONTNEED). {_CAPPED}", labels=MEMCG_LABELS)
+        hierarchy = snap.memcgs[0].hierarchy if snap.memcgs else ""
+        known = {m.cgroup_id: memcg_labels(m) for m in snap.memcgs}
+        by_memcg: dict[tuple[str, ...], list[DevmemSocket]] = {}
+        for s in snap.devmem_sockets:
+            if s.state != "open":
+                continue
+            labels = known.get(s.memcg_id) or (
+                s.memcg_path if s.memcg_path is not None else DELETED, hierarchy, "", "")
+            by_memcg.setdefault(labels, []).append(s)
+
+        def held(item: tuple[tuple[str, ...], list[DevmemSocket]]) -> tuple[int, str]:
+            return (sum(s.tokens_outstanding for s in item[1]
+                        if isinstance(s.tokens_outstanding, int)), item[0][0])
+
+        top, rest = capped(list(by_memcg.items()), held, self.max_cgroups)
+        parts = [(labels, socks, False) for labels, socks in top]
+        if rest:
+            parts.append(((OTHER, "", "", ""), [s for _, ss in rest for s in ss], True))
+        for labels, socks, partial in parts:
+            value = _combine((s.tokens_outstanding for s in socks), sum, partial)
+            if isinstance(value, Unavailable):
+                unavailable.add(name, value.reason, memcg=labels)
+            elif value is not None:
+                outstanding.add_metric(labels, value)
+        yield outstanding
+        yield from self._netmem_summary(snap.netmem, unavailable)
+
+    @staticmethod
+    def _netmem_summary(summary: NetmemSummary | Unavailable, unavailable: Unavailables
+                        ) -> Iterator[Metric]:
+        specs: tuple[tuple[str, str, str, Callable[[NetmemSummary], Figure]], ...] = (
+            ("netmemtrace_netmem_sample_factor", "gauge",
+             "Netmem ownership tracking follows 1 in this many netmem; the estimated "
+             "netmem figures are scaled by it.", lambda s: s.sample_factor),
+            ("netmemtrace_netmem_tracked", "gauge",
+             "Netmem tracked now (entries of the tracking map, not scaled).",
+             lambda s: s.tracked_netmem),
+            ("netmemtrace_netmem_tracked_capacity", "gauge",
+             "Size of the netmem tracking map; misses count in "
+             "netmemtrace_map_full_drops_total{map=\"netmem\"}.", lambda s: s.tracked_capacity),
+            ("netmemtrace_devmem_recvmsg_calls", "counter",
+             "recvmsg(MSG_SOCK_DEVMEM) calls, every socket.", lambda s: s.recvmsg_devmem_calls),
+            ("netmemtrace_devmem_recvmsg_errors", "counter",
+             "recvmsg(MSG_SOCK_DEVMEM) calls that failed.", lambda s: s.recvmsg_devmem_errors),
+            ("netmemtrace_devmem_tokens_received", "counter",
+             "Devmem tokens (SCM_DEVMEM_DMABUF cmsgs) handed to applications.",
+             lambda s: s.tokens_received),
+            ("netmemtrace_devmem_recvmsg_cmsg_unread", "counter",
+             "recvmsg(MSG_SOCK_DEVMEM) control buffers not fully walked: tokens undercount.",
+             lambda s: s.recvmsg_cmsg_unread),
+            ("netmemtrace_devmem_dontneed_calls", "counter",
+             "setsockopt(SO_DEVMEM_DONTNEED) calls.", lambda s: s.dontneed_calls),
+            ("netmemtrace_devmem_dontneed_errors", "counter",
+             "setsockopt(SO_DEVMEM_DONTNEED) calls that failed.", lambda s: s.dontneed_errors),
+            ("netmemtrace_devmem_tokens_returned", "counter",
+             "Devmem tokens applications gave back (SO_DEVMEM_DONTNEED).",
+             lambda s: s.tokens_returned),
+            ("netmemtrace_devmem_tokens_freed_on_destroy", "counter",
+             "Devmem tokens still outstanding when their socket was destroyed (freed by the "
+             "kernel on the application's behalf).", lambda s: s.tokens_freed_on_destroy),
+            ("netmemtrace_io_uring_zcrx_buffers_handed", "counter",
+             "io_uring zcrx buffers handed to applications.", lambda s: s.zcrx_buffers_handed),
+            ("netmemtrace_io_uring_zcrx_refills", "counter",
+             "io_uring zcrx buffers applications refilled.", lambda s: s.zcrx_refills),
+        )
+        for name, kind, help_text, get in specs:
+            fam = _family(name, kind, help_text, ())
+            value = summary if isinstance(summary, Unavailable) else get(summary)
+            if isinstance(value, Unavailable):
+                unavailable.add(_sample_name(name, kind), value.reason)
+            else:
+                fam.add_metric((), value)
+            yield fam
+
+    # ---- self ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _self_stats(snap: Snapshot, unavailable: Unavailables) -> Iterator[Metric]:
+        st, ms, nm = snap.self_stats, snap.memcg_self_stats, snap.netmem
         yield GaugeMetricFamily(
             "netmemtrace_snapshot_build_seconds",
             "Time the exported snapshot took to read every BPF map and resolve names.",
             value=st.snapshot_build_ns / NS_PER_S)
         full = CounterMetricFamily(
             "netmemtrace_map_full_drops",
-            "Objects not tracked because a BPF map was full (map=pools: new page_pools; "
-            "map=retired_pools: destroyed pools whose final figures were lost).",
+            "Objects not tracked because a BPF map was full (pools: new page_pools; "
+            "retired_pools: destroyed pools whose final figures were lost; netmem, "
+            "netmem_pools, devmem_sockets, netmem_calls: netmem ownership tracking; "
+            "zerocopy_procs, zerocopy_pending, memcg: memcg / zerocopy accounting).",
             labels=("map",))
-        full.add_metric(("pools",), st.pool_map_full_total)
-        full.add_metric(("retired_pools",), st.retired_map_full_total)
+        drops = [("pools", st.pool_map_full_total), ("retired_pools", st.retired_map_full_total)]
+        if not isinstance(nm, Unavailable):
+            drops += [("netmem", nm.tracked_map_full_total),
+                      ("netmem_pools", nm.pool_map_full_total),
+                      ("devmem_sockets", nm.socket_map_full_total),
+                      ("netmem_calls", nm.call_map_full_total)]
+        if ms is not None:
+            drops += [("zerocopy_procs", ms.proc_map_full),
+                      ("zerocopy_pending", ms.pending_full), ("memcg", ms.memcg_map_full)]
+        for map_name, n in drops:
+            full.add_metric((map_name,), n)
         yield full
+        yield from SnapshotCollector._memcg_self(ms)
         for name, help_text, values, scale in (
             ("netmemtrace_bpf_prog_run_seconds",
              "CPU time spent in each attached BPF program (kernel.bpf_stats_enabled=1).",
@@ -256,9 +654,45 @@ class SnapshotCollector(Collector):
         ):
             fam = CounterMetricFamily(name, help_text, labels=("program",))
             if isinstance(values, Unavailable):
-                no_pool = [""] * len(POOL_LABELS)
-                unavailable.add_metric((f"{name}_total", values.reason, *no_pool), {})
+                unavailable.add(f"{name}_total", values.reason)
             else:
                 for prog, v in sorted(values.items()):
                     fam.add_metric((prog,), v / scale)
+            yield fam
+
+    @staticmethod
+    def _memcg_self(ms: MemcgSelfStats | None) -> Iterator[Metric]:
+        """The memcg / zerocopy collector's own health; no series when it did not report
+        (its error is in netmemtrace_collector_error_info)."""
+        lost = CounterMetricFamily(
+            "netmemtrace_events_lost",
+            "Events a BPF ring buffer had no room for (object=zerocopy: mapping ledger "
+            "events; the unaccounted zerocopy figures undercount).", labels=("object",))
+        specs: tuple[tuple[str, str, str, Callable[[MemcgSelfStats], int]], ...] = (
+            ("netmemtrace_zerocopy_ledger_ranges", "gauge",
+             "Mapped page ranges in the zerocopy ledger now.", lambda s: s.ledger_ranges),
+            ("netmemtrace_zerocopy_ledger_overflow_ranges", "counter",
+             "Mapped ranges not recorded because the ledger was full (unaccounted zerocopy "
+             "undercounts).", lambda s: s.ledger_overflow_ranges),
+            ("netmemtrace_zerocopy_ledger_overflow_bytes", "counter",
+             "Bytes of the ranges not recorded because the ledger was full.",
+             lambda s: s.ledger_overflow_bytes),
+            ("netmemtrace_zerocopy_tx_tracker_overflow_sends", "counter",
+             "MSG_ZEROCOPY sends the completion tracker had no room for.",
+             lambda s: s.tx_tracker_overflow_sends),
+            ("netmemtrace_memcg_unresolved_events", "counter",
+             "Socket memory events without a readable memory cgroup id.",
+             lambda s: s.memcg_unresolved),
+            ("netmemtrace_zerocopy_smaps_mismatch_processes", "gauge",
+             "Processes whose ledger figure disagrees with the Rss of their socket: "
+             "mappings in /proc/PID/smaps (cross-check; 0 when they agree).",
+             lambda s: s.smaps_mismatch_pids),
+        )
+        if ms is not None:
+            lost.add_metric(("zerocopy",), ms.ringbuf_lost_events)
+        yield lost
+        for name, kind, help_text, get in specs:
+            fam = _family(name, kind, help_text, ())
+            if ms is not None:
+                fam.add_metric((), get(ms))
             yield fam
