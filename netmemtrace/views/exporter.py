@@ -15,6 +15,7 @@ series, the rest are summed into one series labelled cgroup="other".
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,13 +86,19 @@ class PoolMetric:
 
 @dataclass(frozen=True)
 class MemcgMetric:
-    """One per-memcg family; merge combines cgroups summed into one series."""
+    """One per-memcg family; merge combines cgroups summed into one series, then the
+    value is divided by scale (ns -> s)."""
 
     name: str
     kind: str
     help: str
-    get: Callable[[MemcgSnapshot], Figure]
+    field: str                 # attribute of MemcgSnapshot (dotted)
     merge: Callable[[Iterable[float]], float] = sum
+    scale: float = 1
+
+    @property
+    def get(self) -> Callable[[MemcgSnapshot], Figure]:
+        return operator.attrgetter(self.field)
 
 
 def _kernel(field: str) -> Callable[[PoolSnapshot], Figure]:
@@ -150,14 +157,10 @@ POOL_METRICS = (
 )
 
 
-def _zc(field: str) -> Callable[[MemcgSnapshot], Figure]:
-    return lambda m: getattr(m.zerocopy, field)
-
-
 def _memcg_counter(name: str, field: str, what: str) -> MemcgMetric:
     return MemcgMetric(f"netmemtrace_memcg_zerocopy_{name}", "counter",
                        f"{what}, by the cgroup's processes (exited ones included) since "
-                       f"netmemtrace attached. {_CAPPED}", _zc(field))
+                       f"netmemtrace attached. {_CAPPED}", f"zerocopy.{field}")
 
 
 MEMCG_METRICS = (
@@ -166,36 +169,36 @@ MEMCG_METRICS = (
         "Socket memory charged to the memory cgroup now, bytes (memory.stat sock on v2, "
         "memory.kmem.tcp.usage_in_bytes on v1). Absent where the cgroup accounts no socket "
         f"memory (v1 without a tcp limit), see netmemtrace_figure_unavailable_info. {_CAPPED}",
-        lambda m: m.sock_charged_now_bytes),
+        "sock_charged_now_bytes"),
     MemcgMetric(
         "netmemtrace_memcg_sock_charged_pages", "counter",
         "Socket memory pages charged to the cgroup since netmemtrace attached (charge "
-        f"events). {_CAPPED}", lambda m: m.sock_charged_pages_total),
+        f"events). {_CAPPED}", "sock_charged_pages_total"),
     MemcgMetric(
         "netmemtrace_memcg_sock_uncharged_pages", "counter",
         "Socket memory pages uncharged from the cgroup since netmemtrace attached. "
-        f"{_CAPPED}", lambda m: m.sock_uncharged_pages_total),
+        f"{_CAPPED}", "sock_uncharged_pages_total"),
     MemcgMetric(
         "netmemtrace_zerocopy_unaccounted_bytes", "gauge",
         "TCP receive zerocopy memory the cgroup's processes keep mapped now, bytes: "
         "uncharged from socket memory when mapped and charged to no memory cgroup, so no "
-        f"memory limit bounds it. {_CAPPED}", lambda m: m.zerocopy_unaccounted_bytes),
+        f"memory limit bounds it. {_CAPPED}", "zerocopy_unaccounted_bytes"),
     MemcgMetric(
         "netmemtrace_zerocopy_unaccounted_hwm_bytes", "gauge",
         "Highest netmemtrace_zerocopy_unaccounted_bytes of the cgroup since netmemtrace "
         f"started, bytes (for cgroup=\"other\": the sum of their highs). {_CAPPED}",
-        lambda m: m.zerocopy_unaccounted_hwm_bytes),
+        "zerocopy_unaccounted_hwm_bytes"),
     MemcgMetric(
         "netmemtrace_zerocopy_oldest_mapped_age_seconds", "gauge",
         "Age of the oldest TCP receive zerocopy page the cgroup's processes still map; "
         f"absent when none is mapped (cgroup=\"other\": the oldest of them). {_CAPPED}",
-        lambda m: _ns_to_s(m.zerocopy_oldest_mapped_age_ns), merge=max),
+        "zerocopy_oldest_mapped_age_ns", merge=max, scale=NS_PER_S),
     MemcgMetric(
         "netmemtrace_memcg_would_be_charged_bytes", "gauge",
         "Socket memory charged now + unaccounted zerocopy memory mapped now, bytes: what "
         "the cgroup would be charged if network pages stayed accounted while user space "
         f"maps them. Absent when socket memory is unknown. {_CAPPED}",
-        lambda m: m.would_be_charged_bytes),
+        "would_be_charged_bytes"),
     _memcg_counter("rx_calls", "rx_calls", "getsockopt(TCP_ZEROCOPY_RECEIVE) calls"),
     _memcg_counter("rx_errors", "rx_errors", "TCP_ZEROCOPY_RECEIVE calls that failed"),
     _memcg_counter("rx_mapped_bytes", "rx_mapped_bytes",
@@ -223,7 +226,7 @@ MEMCG_METRICS = (
     MemcgMetric(
         "netmemtrace_memcg_zerocopy_tx_inflight_bytes", "gauge",
         "Bytes sent with MSG_ZEROCOPY whose completion was not read yet (pinned user "
-        f"memory). {_CAPPED}", _zc("tx_inflight_bytes")),
+        f"memory). {_CAPPED}", "zerocopy.tx_inflight_bytes"),
 )
 
 # A hook's reason is "MECH: failure; MECH: failure" (probes.Hook.reason); split it only where
@@ -279,9 +282,13 @@ def _combine(values: Iterable[Figure], merge: Callable[[Iterable[float]], float]
              partial: bool) -> Figure:
     """One series' value from several objects' figures: Unavailable if one is (or, with
     partial, only if none is known), None if none is known, else merge of the known."""
-    values = list(values)
-    missing = next((v for v in values if isinstance(v, Unavailable)), None)
-    known = [v for v in values if v is not None and not isinstance(v, Unavailable)]
+    known = []
+    missing = None
+    for v in values:  # one pass: "other" combines thousands of cgroups per family
+        if v.__class__ is Unavailable:
+            missing = missing or v
+        elif v is not None:
+            known.append(v)
     if missing is not None and not (partial and known):
         return missing
     return merge(known) if known else None
@@ -322,7 +329,8 @@ class SnapshotCollector(Collector):
         unavailable = Unavailables()
         yield from self._build(snap)
         yield from self._probes(snap.probes)
-        yield from self._pools(snap.pools, unavailable)
+        yield from self._pools(snap.pools, unavailable,
+                               snap.netmem if isinstance(snap.netmem, Unavailable) else None)
         yield from self._memcgs(snap.memcgs, unavailable)
         yield from self._devmem(snap, unavailable)
         yield from self._self_stats(snap, unavailable)
@@ -368,8 +376,10 @@ class SnapshotCollector(Collector):
 
     # ---- page pools ----------------------------------------------------------------------
 
-    def _pools(self, pools: tuple[PoolSnapshot, ...], unavailable: Unavailables
-               ) -> Iterator[Metric]:
+    def _pools(self, pools: tuple[PoolSnapshot, ...], unavailable: Unavailables,
+               netmem_off: Unavailable | None) -> Iterator[Metric]:
+        """netmem_off: why no pool has netmem figures (the netmem object is not loaded),
+        said once host-wide instead of once per pool."""
         # Pools that share an identity (pool_id unknown before 6.8, e.g. a driver's old zombie
         # pool and its replacement on the same queue) are one series: sums, or the max age.
         groups: dict[tuple[str, ...], list[PoolSnapshot]] = {}
@@ -398,8 +408,15 @@ class SnapshotCollector(Collector):
                     elif value is not None:
                         fam.add_metric((*labels, *extra), value)
             yield fam
-        yield from self._netmem_states(groups, unavailable)
-        yield from self._hold_histogram(groups, unavailable)
+        netmem_groups = groups
+        if netmem_off is not None:
+            netmem_groups = {}
+            for figure in ("netmemtrace_page_pool_netmem_pages",
+                           "netmemtrace_page_pool_netmem_transitions_total",
+                           "netmemtrace_page_pool_netmem_hold_seconds_count"):
+                unavailable.add(figure, netmem_off.reason)
+        yield from self._netmem_states(netmem_groups, unavailable)
+        yield from self._hold_histogram(netmem_groups, unavailable)
         yield self._zombie_holders(groups)
 
     @staticmethod
@@ -514,12 +531,13 @@ class SnapshotCollector(Collector):
             parts = [(labels, group, False) for labels, group in groups.items()]
             if rest:
                 parts.append((other, rest, True))
+            get = spec.get
             for labels, group, partial in parts:
-                value = _combine((spec.get(m) for m in group), spec.merge, partial)
+                value = _combine(map(get, group), spec.merge, partial)
                 if isinstance(value, Unavailable):
                     unavailable.add(sample, value.reason, memcg=labels)
                 elif value is not None:
-                    fam.add_metric(labels, value)
+                    fam.add_metric(labels, value / spec.scale if spec.scale != 1 else value)
             yield fam
 
         procs = GaugeMetricFamily(
