@@ -1,9 +1,11 @@
 """`netmemtrace serve`: the Prometheus exporter daemon.
 
 Attaches once, keeps the BPF programs running and serves `/metrics` (Prometheus text or
-OpenMetrics, chosen by the Accept header) and `/healthz`. Scrapes read one cached Snapshot,
+OpenMetrics, chosen by the Accept header) and `/healthz`. Scrapes read one cached snapshot,
 refreshed every --interval by a background thread, or by the scrape itself when the cached one
 is older than that; one read of the BPF maps at a time, however many scrapes arrive together.
+Each snapshot's body is rendered once per format (and gzip) and then sent as is, so a scrape
+costs a copy of cached bytes; formats scraped before are rendered with the refresh itself.
 
 TLS and basic auth come from a web config file in the Prometheus exporter-toolkit format, so
 the same file works for node_exporter and netmemtrace. SIGTERM/SIGINT stop serving, detach
@@ -33,13 +35,14 @@ from typing import Any
 
 import bcrypt
 import yaml
-from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .probes import SetupError
 from .session import open_session
-from .snapshot import Snapshot
-from .views.exporter import SnapshotCollector
+from .views.exporter import SnapshotCollector, render
 
 # Loopback by default: the exporter serves unauthenticated HTTP unless a web config says
 # otherwise, so exposing it to the network is an explicit choice (--listen :9435).
@@ -53,6 +56,7 @@ CONNECTION_TIMEOUT_S = 60.0
 _POLL_INTERVAL_S = 0.2
 # /healthz fails once the cached snapshot is this many intervals old (the refresher is stuck).
 _HEALTHY_INTERVALS = 3
+OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
 
 _TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
@@ -215,28 +219,80 @@ class BasicAuth:
 
 # ---- snapshot cache ------------------------------------------------------------------------
 
+Encoder = Callable[[Collector], bytes]
+Variant = tuple[str, bool]  # (content type, gzip)
+
+
+class Exposition:
+    """The /metrics bodies of one snapshot: its metric families, collected once, and each
+    (content type, gzip) variant rendered once, on first request or ahead of it (prerender:
+    what scrapers asked of the previous snapshot), then kept."""
+
+    def __init__(self, collectors: list[Collector], prerender: dict[Variant, Encoder]
+                 ) -> None:
+        self.families: list[Metric] = [m for c in collectors for m in c.collect()]
+        self.served: dict[Variant, Encoder] = {}  # variants scrapes asked for
+        self._bodies: dict[Variant, bytes] = {}
+        self._lock = threading.Lock()
+        for (content_type, zipped), encoder in prerender.items():
+            self._render(content_type, encoder, zipped)
+
+    def body(self, content_type: str, encoder: Encoder, zipped: bool) -> bytes:
+        self.served[(content_type, zipped)] = encoder
+        return self._render(content_type, encoder, zipped)
+
+    def _render(self, content_type: str, encoder: Encoder, zipped: bool) -> bytes:
+        key = (content_type, zipped)
+        if (cached := self._bodies.get(key)) is not None:
+            return cached
+        with self._lock:  # concurrent scrapes of a new variant: one renders, all reuse it
+            if (cached := self._bodies.get(key)) is None:
+                cached = render(self.families, content_type, encoder)
+                if zipped:
+                    cached = gzip.compress(cached, compresslevel=6)
+                self._bodies[key] = cached
+            return cached
+
+
+class Expositions:
+    """Reads a new snapshot into an Exposition, rendering ahead what was scraped from the
+    previous one (before any scrape: OpenMetrics, what Prometheus negotiates)."""
+
+    def __init__(self, collectors: list[Collector]) -> None:
+        self._collectors = collectors
+        encoder, content_type = choose_encoder(OPENMETRICS_ACCEPT)
+        self._wanted: dict[Variant, Encoder] = {(content_type, False): encoder}
+        self._last: Exposition | None = None
+
+    def __call__(self) -> Exposition:
+        if self._last is not None and self._last.served:
+            self._wanted = dict(self._last.served)
+        self._last = Exposition(self._collectors, self._wanted)
+        return self._last
+
 
 class SnapshotCache:
-    """The latest Snapshot; read() of the session runs in one thread at a time.
+    """The latest snapshot (whatever `read` returns: an Exposition in the daemon); read()
+    runs in one thread at a time.
 
     A caller wanting a snapshot no older than max_age_s gets the cached one, or takes the
     lock and reads; callers that queued behind that read get its result instead of reading
     again. After close() no read happens any more and the last snapshot is served.
     """
 
-    def __init__(self, read: Callable[[], Snapshot]) -> None:
+    def __init__(self, read: Callable[[], Any]) -> None:
         self._read = read
         self._lock = threading.Lock()
-        self._latest: tuple[float, Snapshot] | None = None  # (monotonic s, snapshot)
+        self._latest: tuple[float, Any] | None = None  # (monotonic s, snapshot)
         self._closed = False
 
-    def _fresh(self, max_age_s: float) -> Snapshot | None:
+    def _fresh(self, max_age_s: float) -> Any:
         latest = self._latest
         if latest and (self._closed or time.monotonic() - latest[0] <= max_age_s):
             return latest[1]
         return None
 
-    def get(self, max_age_s: float) -> Snapshot:
+    def get(self, max_age_s: float) -> Any:
         if (snap := self._fresh(max_age_s)) is not None:
             return snap
         with self._lock:
@@ -317,7 +373,7 @@ class ExporterServer(ThreadingHTTPServer):
             # or hostile client cannot stall accept() for everyone else.
             self.socket = web.tls.wrap_socket(self.socket, server_side=True,
                                               do_handshake_on_connect=False)
-        self.registry = CollectorRegistry()
+        self.exposition: Callable[[], Exposition] | None = None  # set once attached
         self.health: Callable[[], tuple[bool, str]] = lambda: (False, "starting")
 
     def server_bind(self) -> None:
@@ -380,18 +436,17 @@ class ExporterHandler(BaseHTTPRequestHandler):
 
     def _metrics(self, head: bool) -> None:
         encoder, content_type = choose_encoder(self.headers["Accept"] or "")
+        zipped = gzip_accepted(self.headers["Accept-Encoding"] or "")
         try:
-            body = encoder(self.server.registry)
+            assert self.server.exposition, "no snapshot yet"
+            body = self.server.exposition().body(content_type, encoder, zipped)
         except Exception as exc:  # a scrape failing must say why, not drop the connection
             # prometheus_client appends the whole metric family to the error: keep the cause.
             why = str(exc.args[0] if exc.args else exc)[:500]
             _log(f"scrape failed: {why}")
             self._reply(500, f"scrape failed: {why}\n".encode(), head=head)
             return
-        extra = {}
-        if gzip_accepted(self.headers["Accept-Encoding"] or ""):
-            body = gzip.compress(body)
-            extra["Content-Encoding"] = "gzip"
+        extra = {"Content-Encoding": "gzip"} if zipped else {}
         self._reply(200, body, content_type, head, extra)
 
     def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
@@ -450,7 +505,9 @@ def run(args: argparse.Namespace) -> int:
         # Attach, then drop the capabilities reading needs no more: the daemon that parses
         # network input cannot load BPF afterwards (unless --keep-caps).
         session = open_session(args)
-        cache = SnapshotCache(session.read)
+        cache = SnapshotCache(Expositions([
+            SnapshotCollector(session.read, max_cgroups=args.max_cgroups),
+            PROCESS_COLLECTOR, PLATFORM_COLLECTOR]))
         stack.callback(cache.close, session.close)
         cache.get(0)  # the first scrape must not wait for BPF, and a failure shows at start
 
@@ -465,10 +522,7 @@ def run(args: argparse.Namespace) -> int:
             return True, "ok"
 
         server.health = health
-        server.registry.register(
-            SnapshotCollector(lambda: cache.get(interval), max_cgroups=args.max_cgroups))
-        server.registry.register(PROCESS_COLLECTOR)
-        server.registry.register(PLATFORM_COLLECTOR)
+        server.exposition = lambda: cache.get(interval)
         threading.Thread(target=server.serve_forever, args=(_POLL_INTERVAL_S,),
                          name="http", daemon=True).start()
         stack.callback(server.shutdown)

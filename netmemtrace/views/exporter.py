@@ -20,6 +20,11 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CONTENT_TYPE_PLAIN_1_0_0,
+)
+from prometheus_client.exposition import generate_latest as _text_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,7 +32,10 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_OM_1
+from prometheus_client.openmetrics.exposition import generate_latest as _om_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..probes import MECHANISMS, ProbeStatus
@@ -282,13 +290,15 @@ def _combine(values: Iterable[Figure], merge: Callable[[Iterable[float]], float]
              partial: bool) -> Figure:
     """One series' value from several objects' figures: Unavailable if one is (or, with
     partial, only if none is known), None if none is known, else merge of the known."""
-    known = []
-    missing = None
-    for v in values:  # one pass: "other" combines thousands of cgroups per family
-        if v.__class__ is Unavailable:
-            missing = missing or v
-        elif v is not None:
-            known.append(v)
+    values = list(values)
+    if len(values) == 1:  # the usual pool or cgroup: its own figure
+        return values[0]
+    try:  # the usual case, all known, in C: "other" combines thousands of cgroups
+        return merge(values) if values else None
+    except TypeError:  # an Unavailable or a None among them
+        pass
+    missing = next((v for v in values if isinstance(v, Unavailable)), None)
+    known = [v for v in values if v is not None and not isinstance(v, Unavailable)]
     if missing is not None and not (partial and known):
         return missing
     return merge(known) if known else None
@@ -485,7 +495,7 @@ class SnapshotCollector(Collector):
                 total = sum(b.count for b in buckets)
                 if not total:
                     continue
-                cumulative = [(f"{((1 << k) - 1) / NS_PER_S:.12g}",
+                cumulative = [(floatToGoString(((1 << k) - 1) / NS_PER_S),
                                sum(b.count for b in buckets if b.hi_ns <= 1 << k))
                               for k in HOLD_LE_LOG2]
                 hist.add_metric(labels, [*cumulative, ("+Inf", total)],
@@ -714,3 +724,93 @@ class SnapshotCollector(Collector):
             if ms is not None:
                 fam.add_metric((), get(ms))
             yield fam
+
+
+# ---- exposition ----------------------------------------------------------------------------
+# prometheus_client's encoders validate and escape every label name and value of every
+# sample; for a large host that is most of a render. This writes the same bytes for the
+# families used here (checked against prometheus_client in the tests) with label names taken
+# as valid (Metric already validated them) and each distinct label value escaped once.
+
+TEXT = "text"
+OPENMETRICS = "openmetrics"
+# Anything prometheus_client can express that this encoder does not write: rendered by
+# prometheus_client instead.
+_OM_ONLY_SUFFIXES = ("_created", "_gsum", "_gcount")
+
+
+def _plain(metrics: list[Metric]) -> bool:
+    return all(not m.unit and all(
+        s.exemplar is None and s.timestamp is None and s.native_histogram is None
+        and not s.name.endswith(_OM_ONLY_SUFFIXES) for s in m.samples) for m in metrics)
+
+
+def _label_escape(v: str) -> str:
+    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def encode(metrics: Iterable[Metric], fmt: str) -> bytes:
+    """Prometheus text format 0.0.4 (fmt TEXT) or OpenMetrics 1.0 of the metric families,
+    byte for byte as prometheus_client's generate_latest writes them."""
+    metrics = list(metrics)
+    if not _plain(metrics):
+        registry = _Families(metrics)
+        return (_om_latest(registry) if fmt == OPENMETRICS else _text_latest(registry))
+    escaped: dict[str, str] = {}
+    out: list[str] = []
+    for m in metrics:
+        name, kind = m.name, m.type
+        if fmt == OPENMETRICS:
+            doc = _label_escape(m.documentation)
+        else:
+            doc = m.documentation.replace("\\", r"\\").replace("\n", r"\n")
+            name += {"counter": "_total", "info": "_info"}.get(kind, "")
+            kind = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram",
+                    "unknown": "untyped"}.get(kind, kind)
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        for s in m.samples:
+            if s.labels:
+                parts = []
+                for k, v in sorted(s.labels.items()):
+                    e = escaped.get(v)
+                    if e is None:
+                        e = escaped[v] = _label_escape(v)
+                    parts.append(f'{k}="{e}"')
+                labels = "{" + ",".join(parts) + "}"
+            else:
+                labels = ""
+            out.append(f"{s.name}{labels} {floatToGoString(s.value)}\n")
+    if fmt == OPENMETRICS:
+        out.append("# EOF\n")
+    return "".join(out).encode()
+
+
+class _Families(Collector):
+    """Already collected families, for prometheus_client's encoders."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+# Content types (as prometheus_client's choose_encoder names them) whose body is one of the
+# two formats above: every netmemtrace name is a legacy one, so the underscores and
+# allow-utf-8 escapings leave it unchanged.
+_FAST_FORMATS = {
+    CONTENT_TYPE_PLAIN_0_0_4: TEXT,
+    CONTENT_TYPE_PLAIN_1_0_0 + "; escaping=underscores": TEXT,
+    CONTENT_TYPE_PLAIN_1_0_0 + "; escaping=allow-utf-8": TEXT,
+    CONTENT_TYPE_OM_1: OPENMETRICS,
+    CONTENT_TYPE_OM_1 + "; escaping=underscores": OPENMETRICS,
+    CONTENT_TYPE_OM_1 + "; escaping=allow-utf-8": OPENMETRICS,
+}
+
+
+def render(metrics: list[Metric], content_type: str,
+           encoder: Callable[[Collector], bytes]) -> bytes:
+    """The body for content_type, as prometheus_client's `encoder` chosen with it (by
+    choose_encoder) would write it; through encode() where that is the same."""
+    fmt = _FAST_FORMATS.get(content_type)
+    return encode(metrics, fmt) if fmt else encoder(_Families(metrics))
