@@ -99,18 +99,20 @@ class BatchTop:
 
 
 def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
-    with demo.VethTopology() as topo:
-        run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
-        try:
-            # A frame right after attach; its time is measured by bench/, not asserted here.
-            run.first_frame_s()
+    run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
+    try:
+        # A frame right after attach; its time is measured by bench/, not asserted here.
+        run.first_frame_s()
+        # The pool is born under top: it is seen from its first page, so its inflight
+        # is exact, and its first pages are taken from the allocator (holds) meanwhile.
+        with demo.VethTopology() as topo:
             traffic = Traffic(topo)
             try:
                 frames = run.finish()
             finally:
                 traffic.stop()
-        finally:
-            run.close()
+    finally:
+        run.close()
     assert len(frames) == 2
     assert all(r["HOLD/s"] == r["REL/s"] == top.UNKNOWN
                for r in frames[0].tables["PAGE POOLS"])
@@ -118,11 +120,8 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     assert not marked
     assert (row["NETNS"], row["PROVIDER"], row["MEM"], row["STATE"]) == \
         (topo.rx_netns, "host", "page", "active")
-    # TCP kept flowing through the pool for the whole second between the two frames.
-    assert float(row["HOLD/s"].rstrip("kM")) > 0 and float(row["REL/s"].rstrip("kM")) > 0
-    # The pool predates top: inflight is known once a hold and a release were seen (both
-    # carry the pool's own counters), which the rates above prove.
-    assert int(row["INFLIGHT"]) >= 0
+    assert float(row["HOLD/s"].rstrip("kM")) > 0
+    assert int(row["INFLIGHT"]) > 0
 
 
 def test_zombie_pool_is_highlighted(tmp_path: Path, trace_instance) -> None:
