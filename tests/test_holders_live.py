@@ -216,6 +216,11 @@ def test_udp_socket_holder(trace_instance) -> None:
                 zombie, kernel = settled(session, topo, trace)
                 port = rx.getsockname()[1]
             check_sum(zombie)
+            # Inflight did not move: the next read reuses these holders, no new scan.
+            scanned = session.holders_scan
+            again = next(p for p in session.read().pools if p.pool_addr == zombie.pool_addr)
+            if again.inflight_pages == zombie.inflight_pages:
+                assert session.holders_scan is scanned and again.holders == zombie.holders
             udp = [h for h in zombie.holders if h.protocol == "udp"]
             assert len(udp) == 1
             assert (udp[0].pid, udp[0].netns, udp[0].local_addr, udp[0].state) == \
