@@ -72,6 +72,10 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="track the ownership state of 1 in N netmem, chosen by hash "
                         f"(default {DEFAULT_SAMPLE_N}: the measured knee of per-event cost; "
                         "1 tracks all). Figures are scaled by N and say so")
+    p.add_argument("--netmem-stack", action="store_true",
+                   help="also follow netmem into the network stack (netif_receive_skb, the "
+                        "one per-packet probe: ~125 ns per received skb); without it the "
+                        "'stack' ownership state is reported unavailable")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",

@@ -46,10 +46,13 @@ class Hook:
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
     attached: bool = False
+    off: str | None = None  # switched off by configuration, and how to switch it on
 
     @property
     def reason(self) -> str:
         """Why the hook is off, or which better mechanisms were passed over and why."""
+        if self.off:
+            return self.off
         return "; ".join(f"{c.mechanism}: {c.failure}" for c in self.candidates if c.failure)
 
     def next_candidate(self) -> Candidate | None:
@@ -186,15 +189,24 @@ class LoadedObject:
 
 def load_object(name: str, path: str, *, btf_path: str | None = None,
                 force: str | None = None, attach: bool = True,
-                max_entries: dict[str, int] | None = None) -> LoadedObject:
+                max_entries: dict[str, int] | None = None,
+                disabled: dict[str, str] | None = None) -> LoadedObject:
     """Open, load and attach an object, falling back per hook to the next mechanism.
 
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
+    disabled: hook -> why it stays off (and how to turn it on); not loaded at all.
     """
     hooks = read_catalogue(path, btf_path)
+    for hook_name, why in (disabled or {}).items():
+        if hook_name in hooks:
+            hooks[hook_name].off = why
+            for cand in hooks[hook_name].candidates:
+                cand.failure = why
     for hook in hooks.values():
         for cand in hook.candidates:
+            if cand.failure:
+                continue  # disabled
             if force and cand.mechanism != force:
                 cand.failure = f"not selected (forced {force})"
             elif not force:

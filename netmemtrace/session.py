@@ -24,6 +24,10 @@ from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
 
 T = TypeVar("T")
+# The only per-packet probe: ~125 ns over the empty-program floor on every received skb
+# (bench/), which cost more throughput than every other probe together. Opt-in.
+STACK_OFF = {"netif_receive_skb": "off by default: per-packet probe (~125 ns per skb); "
+             "turn on with --netmem-stack"}
 OBJECTS = ("pagepool", "memcg", "zerocopy", "netmem", "holders")
 
 
@@ -37,8 +41,9 @@ def _bpf_stats_enabled() -> bool:
 
 class Session:
     def __init__(self, btf_path: str | None = None,
-                 netmem_sample: int = DEFAULT_SAMPLE_N) -> None:
-        """netmem_sample: track the ownership state of 1 in this many netmem."""
+                 netmem_sample: int = DEFAULT_SAMPLE_N, netmem_stack: bool = False) -> None:
+        """netmem_sample: track the ownership state of 1 in this many netmem.
+        netmem_stack: attach the per-packet netif_receive_skb probe (the stack state)."""
         try:
             sample_threshold(netmem_sample)
         except ValueError as exc:
@@ -59,7 +64,8 @@ class Session:
             for name in OBJECTS:
                 try:
                     self.loaded.append(probes.load_object(
-                        name, str(abi.object_path(name)), btf_path=btf_path))
+                        name, str(abi.object_path(name)), btf_path=btf_path,
+                        disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
                 except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
                     self.failed.append(probes.ProbeStatus(
                         name, "(object)", None, False, f"object not loaded: {exc}"))
@@ -167,8 +173,8 @@ class Session:
 def open_session(args: argparse.Namespace) -> Session:
     """Attach everything per the common CLI options, then drop the capabilities reading no
     longer needs (unless --keep-caps)."""
-    session = Session(btf_path=args.btf_path,
-                      netmem_sample=args.netmem_sample)
+    session = Session(btf_path=args.btf_path, netmem_sample=args.netmem_sample,
+                      netmem_stack=args.netmem_stack)
     if not args.keep_caps:
         resolve.provider_addresses()  # /proc/kallsyms addresses need CAP_SYSLOG: read now
         try:

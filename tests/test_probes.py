@@ -181,3 +181,20 @@ def test_an_object_that_cannot_load_does_not_stop_the_rest(monkeypatch) -> None:
     assert rows[("pagepool", "page_pool_state_hold")].attached
     assert snap.memcgs == () and snap.errors == ()
     assert "not loaded" in snap.netmem.reason
+
+
+@pytest.mark.live
+def test_per_packet_probe_is_opt_in() -> None:
+    from netmemtrace.session import Session
+
+    def stack_hook(session: Session) -> probes.ProbeStatus:
+        return next(r for r in session.probe_status()
+                    if (r.object, r.hook) == ("netmem", "netif_receive_skb"))
+
+    with Session() as session:
+        off = stack_hook(session)
+        unavailable = session.read().netmem.unavailable_states
+    assert not off.attached and off.mechanism is None and "--netmem-stack" in off.reason
+    assert "--netmem-stack" in unavailable["dmabuf"]["stack"]
+    with Session(netmem_stack=True) as session:
+        assert stack_hook(session).attached
