@@ -28,7 +28,7 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(None)
 # The only per-packet probe: ~125 ns over the empty-program floor on every received skb
 # (bench/), which cost more throughput than every other probe together. Opt-in.
-STACK_OFF = {"netif_receive_skb": "off by default: per-packet probe (~125 ns per skb); "
+STACK_OFF = {"netif_receive_skb": "off by default (the per-packet probe, ~125 ns per skb), "
              "turn on with --netmem-stack"}
 OBJECTS = ("pagepool", "memcg", "zerocopy", "netmem", "holders")
 
