@@ -79,8 +79,13 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",
-                       description="Attach, wait --duration seconds, print one JSON document "
-                                   "(schema_version, host, kernel, probes, pools) to stdout.")
+                       description="Attach, wait --duration seconds (Ctrl-C: now), print "
+                                   "one JSON document to stdout: schema_version, host, "
+                                   "kernel, probes, pools (with netmem states and zombie "
+                                   "holders), memcgs, devmem_sockets, netmem, self_stats, "
+                                   "errors. Every field, its unit and meaning: README.md. A "
+                                   "figure the kernel cannot give here is "
+                                   '{"unavailable": reason}, never 0.')
     d.add_argument("--duration", type=float, default=1.0, metavar="S",
                    help="seconds to trace before the snapshot (default 1)")
     d.add_argument("--cgroup", metavar="PATH",
