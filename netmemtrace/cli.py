@@ -15,6 +15,7 @@ from . import __version__, abi, demo, libbpf, probes
 from .collect import memcg
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
+from .views.text import align_columns, verify_table
 
 EPILOG = """\
 examples:
@@ -146,21 +147,16 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         snap = memcg.filter_snapshot(session.read(), cgroup=args.cgroup, pid=args.pid)
     print(dump.render(snap))
     if args.verify:
-        print(memcg.verify_table(snap), file=sys.stderr)
+        print(verify_table(snap), file=sys.stderr)
     return 0
 
 
 def format_probes(rows: Sequence[probes.ProbeStatus]) -> str:
     header = ("OBJECT", "HOOK", "MECHANISM", "ATTACHED", "REASON")
-    table = [header] + [
+    return align_columns([header] + [
         (r.object, r.hook, r.mechanism or "-", "yes" if r.attached else "no", r.reason or "-")
         for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    return "\n".join(
-        "  ".join(col.ljust(w) for col, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-        for row in table
-    )
+    ])
 
 
 def _cmd_probes(args: argparse.Namespace) -> int:

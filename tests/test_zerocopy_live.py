@@ -20,10 +20,11 @@ from conftest import REPO
 from memcg_helpers import child_memcg
 
 from netmemtrace import abi, probes
-from netmemtrace.collect.memcg import filter_snapshot, verify_table
+from netmemtrace.collect.memcg import filter_snapshot
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
 from netmemtrace.snapshot import Unavailable
+from netmemtrace.views.text import verify_table
 
 pytestmark = pytest.mark.live
 STREAM = 8_000_000

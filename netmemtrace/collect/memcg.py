@@ -208,19 +208,3 @@ def filter_snapshot(snap: Snapshot, cgroup: str | None = None, pid: int | None =
         memcgs.append(m)
     return dataclasses.replace(snap, memcgs=tuple(memcgs))
 
-
-def verify_table(snap: Snapshot) -> str:
-    """Ledger vs /proc/PID/smaps socket: Rss, one row per process, side by side."""
-    rows = [("PID", "MEMCG", "LEDGER_BYTES", "SMAPS_SOCKET_RSS_BYTES", "DIFF")]
-    for m in snap.memcgs:
-        for p in m.processes:
-            rows.append((str(p.pid), m.path or f"id {m.cgroup_id}",
-                         str(p.zerocopy_unaccounted_bytes), _text(p.smaps_socket_rss_bytes),
-                         _text(p.ledger_vs_smaps_bytes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def _text(v: int | Unavailable) -> str:
-    return f"unavailable ({v.reason})" if isinstance(v, Unavailable) else str(v)

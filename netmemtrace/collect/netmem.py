@@ -20,7 +20,6 @@ import platform
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from .. import abi, kallsyms, probes
 from ..snapshot import (
@@ -34,6 +33,7 @@ from ..snapshot import (
     Unavailable,
 )
 from .cgroups import CgroupResolver
+from .zerocopy import comm_of
 
 OBJECT = "netmem"
 HASH_MUL = 0x9E3779B97F4A7C15      # netmem.bpf.c sampled(): Fibonacci hashing
@@ -262,13 +262,6 @@ def head_pages_resolvable() -> bool:
     return all(head_page_symbols())
 
 
-def _comm(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return None
-
-
 class NetmemReader:
     """Configures a loaded netmem object's sampling and reads its maps into snapshots."""
 
@@ -356,7 +349,7 @@ class NetmemReader:
         apps = [t for t in tracked if t.state == "application"]
         holding: tuple[NetmemHolder, ...] | Unavailable = (
             Unavailable(app_missing) if app_missing else
-            holders(apps, factor, now_ns, {t.tgid: _comm(t.tgid) for t in apps},
+            holders(apps, factor, now_ns, {t.tgid: comm_of(t.tgid) for t in apps},
                     {t.memcg_id: self._memcg_path(t.memcg_id) for t in apps}))
         st = self.stats()
         handed_missing = missing_hooks(["io_zcrx_queue_cqe"], status)
