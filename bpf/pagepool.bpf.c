@@ -6,7 +6,8 @@
  * Each hook exists once per attach mechanism, named HOOK__MECH; userspace picks one
  * per hook at load time with bpf_program__set_autoload(), so one object serves every
  * kernel. The hot path (state_hold/state_release, per page from/to the allocator)
- * does one per-CPU hash lookup; everything else happens on the slow path.
+ * does one per-CPU array lookup, which the kernel inlines; everything else happens on
+ * the slow path.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -15,15 +16,28 @@
 #include "netmemtrace.h"
 #include "common.bpf.h"
 
-#define MAX_POOLS 4096
+#define POOL_SLOT_BITS 12
+#define MAX_POOLS (1 << POOL_SLOT_BITS)
+#define POOL_SLOT_PROBES 8	/* slots tried after a pool's home slot is taken */
 #define MAX_CPUS 1024
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_POOLS);
-	__type(key, __u64);
+	__type(key, __u32);
 	__type(value, struct pool_counters);
 } pool_counters SEC(".maps");
+
+/*
+ * Slot -> pool owning it. A hash so that claiming a slot is one atomic
+ * BPF_NOEXIST insert (no BPF atomics needed); only the slow path touches it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_POOLS);
+	__type(key, __u32);
+	__type(value, __u64);
+} pool_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -112,22 +126,65 @@ static __always_inline void read_pool_info(struct pool_info *info, const struct 
 	read_netdev(info, dev);
 }
 
-/* Slow path: first event of a pool. Creates its info and zeroed counters. */
-static __noinline struct pool_counters *pool_counters_create(const struct page_pool *pool)
+/* Fibonacci hashing: pool structs are kmalloc'd, so the low bits carry little. */
+static __always_inline __u32 pool_slot_hash(__u64 pool)
 {
-	struct pool_counters zero = {};
-	struct pool_info info = {};
+	return (pool * 0x9E3779B97F4A7C15ULL) >> (64 - POOL_SLOT_BITS);
+}
+
+/* Claim the first free slot from the pool's home slot on; MAX_POOLS if none. */
+static __always_inline __u32 pool_slot_claim(__u64 pool)
+{
+	__u32 home = pool_slot_hash(pool), slot = MAX_POOLS;
+	int i;
+
+	for (i = 0; i <= POOL_SLOT_PROBES; i++) {
+		slot = (home + i) & (MAX_POOLS - 1);
+		if (!bpf_map_update_elem(&pool_slots, &slot, &pool, BPF_NOEXIST))
+			return slot;
+	}
+	return MAX_POOLS;
+}
+
+/* This CPU's copy of a pool's slot, reset if it last counted for nothing. */
+static __always_inline struct pool_counters *slot_counters(__u32 slot, __u64 pool)
+{
+	struct pool_counters *c = bpf_map_lookup_elem(&pool_counters, &slot);
+
+	if (!c)
+		return NULL;
+	if (c->pool != pool) {
+		__builtin_memset(c, 0, sizeof(*c));
+		c->pool = pool;
+	}
+	return c;
+}
+
+/*
+ * Slow path: a pool outside its home slot, a CPU's first event of a pool, or the first
+ * event of a pool at all (creates its info and claims a slot).
+ */
+static __noinline struct pool_counters *pool_counters_slow(const struct page_pool *pool)
+{
+	struct pool_info *known, info = {};
 	__u64 key = (__u64)pool;
 
+	known = bpf_map_lookup_elem(&pools, &key);
+	if (known)
+		return slot_counters(known->slot, key);
 	read_pool_info(&info, pool);
-	/* NOEXIST: another CPU may have created the pool meanwhile; keep its first_seen. */
-	if (bpf_map_update_elem(&pools, &key, &info, BPF_NOEXIST) &&
-	    !bpf_map_lookup_elem(&pools, &key))
+	info.slot = pool_slot_claim(key);
+	if (info.slot == MAX_POOLS)
 		goto full;
-	if (bpf_map_update_elem(&pool_counters, &key, &zero, BPF_NOEXIST) &&
-	    !bpf_map_lookup_elem(&pool_counters, &key))
-		goto full;
-	return bpf_map_lookup_elem(&pool_counters, &key);
+	/* NOEXIST: another CPU may have created the pool meanwhile; use its slot. */
+	if (bpf_map_update_elem(&pools, &key, &info, BPF_NOEXIST)) {
+		bpf_map_delete_elem(&pool_slots, &info.slot);
+		known = bpf_map_lookup_elem(&pools, &key);
+		if (!known)
+			goto full;
+		return slot_counters(known->slot, key);
+	}
+	return slot_counters(info.slot, key);
 full:
 	stat_inc(pool_map_full);
 	return NULL;
@@ -135,10 +192,12 @@ full:
 
 static __always_inline struct pool_counters *pool_counters_get(const struct page_pool *pool)
 {
-	__u64 key = (__u64)pool;
-	struct pool_counters *c = bpf_map_lookup_elem(&pool_counters, &key);
+	__u32 slot = pool_slot_hash((__u64)pool);
+	struct pool_counters *c = bpf_map_lookup_elem(&pool_counters, &slot);
 
-	return c ? c : pool_counters_create(pool);
+	if (c && c->pool == (__u64)pool)
+		return c;
+	return pool_counters_slow(pool);
 }
 
 static __always_inline int on_state_hold(const struct page_pool *pool, __u64 netmem, __u32 hold)
@@ -164,13 +223,16 @@ static __always_inline int on_state_release(const struct page_pool *pool, __u64 
 	return 0;
 }
 
-/* Sum a pool's per-CPU counters into the retired record and drop the live entries. */
+/*
+ * Sum a pool's per-CPU counters into the retired record, clear its slot on every CPU and
+ * free the slot. No event of the pool can race with this: the kernel frees it next.
+ */
 static __noinline void pool_retire(__u64 key, struct pool_info *info)
 {
 	struct retired_key rkey = { .pool = key, .release_ns = info->release_last_ns };
+	__u32 zero = 0, slot = info->slot;
 	struct retired_pool *r;
 	struct pool_counters *c;
-	__u32 zero = 0;
 	int cpu;
 
 	r = bpf_map_lookup_elem(&retired_scratch, &zero);
@@ -179,17 +241,20 @@ static __noinline void pool_retire(__u64 key, struct pool_info *info)
 	__builtin_memset(r, 0, sizeof(*r));
 	r->info = *info;
 	for (cpu = 0; cpu < MAX_CPUS; cpu++) {
-		c = bpf_map_lookup_percpu_elem(&pool_counters, &key, cpu);
+		c = bpf_map_lookup_percpu_elem(&pool_counters, &slot, cpu);
 		if (!c)
 			break;
+		if (c->pool != key)
+			continue;
 		r->holds[0] += c->holds[0];
 		r->holds[1] += c->holds[1];
 		r->releases[0] += c->releases[0];
 		r->releases[1] += c->releases[1];
+		__builtin_memset(c, 0, sizeof(*c));
 	}
 	if (bpf_map_update_elem(&retired_pools, &rkey, r, BPF_ANY))
 		stat_inc(retired_map_full);
-	bpf_map_delete_elem(&pool_counters, &key);
+	bpf_map_delete_elem(&pool_slots, &slot);
 	bpf_map_delete_elem(&pools, &key);
 }
 
@@ -235,25 +300,27 @@ static __always_inline int on_update_nid(const struct page_pool *pool, int new_n
 	return 0;
 }
 
+/*
+ * Only a pool already seen is dated: creating one hashes its pointer, which fentry's typed
+ * pointer forbids, and page_pool_release (which creates it) follows right away.
+ */
 static __always_inline int on_destroy(const struct page_pool *pool)
 {
 	__u64 key = (__u64)pool;
 	struct pool_info *info = bpf_map_lookup_elem(&pools, &key);
 
-	if (!info && pool_counters_get(pool))
-		info = bpf_map_lookup_elem(&pools, &key);
 	if (info)
 		info->destroy_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
-/* ---- page_pool_state_hold ---- */
-SEC("tp_btf/page_pool_state_hold")
-int BPF_PROG(page_pool_state_hold__tp_btf, const struct page_pool *pool, __u64 netmem, __u32 hold)
-{
-	return on_state_hold(pool, netmem, hold);
-}
+/*
+ * The three hooks below hash the pool pointer, so they have no tp_btf variant: the
+ * verifier forbids arithmetic on tp_btf's typed pointer, while raw_tp passes it as a
+ * number. Nothing is lost: the hot path reads no field of the pool.
+ */
 
+/* ---- page_pool_state_hold ---- */
 SEC("raw_tp/page_pool_state_hold")
 int BPF_PROG(page_pool_state_hold__raw_tp, const struct page_pool *pool, __u64 netmem, __u32 hold)
 {
@@ -267,13 +334,6 @@ int page_pool_state_hold__tracepoint(struct trace_event_raw_page_pool_state_hold
 }
 
 /* ---- page_pool_state_release ---- */
-SEC("tp_btf/page_pool_state_release")
-int BPF_PROG(page_pool_state_release__tp_btf, const struct page_pool *pool, __u64 netmem,
-	     __u32 release)
-{
-	return on_state_release(pool, netmem, release);
-}
-
 SEC("raw_tp/page_pool_state_release")
 int BPF_PROG(page_pool_state_release__raw_tp, const struct page_pool *pool, __u64 netmem,
 	     __u32 release)
@@ -288,13 +348,6 @@ int page_pool_state_release__tracepoint(struct trace_event_raw_page_pool_state_r
 }
 
 /* ---- page_pool_release ---- */
-SEC("tp_btf/page_pool_release")
-int BPF_PROG(page_pool_release__tp_btf, const struct page_pool *pool, __s32 inflight, __u32 hold,
-	     __u32 release)
-{
-	return on_release(pool, inflight, hold, release);
-}
-
 SEC("raw_tp/page_pool_release")
 int BPF_PROG(page_pool_release__raw_tp, const struct page_pool *pool, __s32 inflight, __u32 hold,
 	     __u32 release)

@@ -64,6 +64,9 @@ class _OpenOpts(ctypes.Structure):
     ]
 
 
+_BPF_F_TEST_RUN_ON_CPU = 1
+
+
 class _TestRunOpts(ctypes.Structure):
     _fields_ = [
         ("sz", ctypes.c_size_t),
@@ -256,6 +259,15 @@ class Map:
             raise LibbpfError(f"lookup in map {self.name}", err)
         return out.raw
 
+    def lookup_per_cpu(self, key: ctypes.Structure | ctypes._SimpleCData) -> list[bytes] | None:
+        """One value per CPU (a single one for shared maps), or None if absent."""
+        raw = self.lookup(key)
+        return None if raw is None else self._split(raw)
+
+    def _split(self, raw: bytes) -> list[bytes]:
+        stride = self._value_stride()
+        return [raw[i * stride:i * stride + self.value_size] for i in range(self.ncpus)]
+
     def update(self, key: ctypes.Structure | ctypes._SimpleCData, value: bytes) -> None:
         buf = ctypes.create_string_buffer(value, len(value))
         rc = _lib.bpf_map_update_elem(self.fd, ctypes.byref(key), buf, 0)
@@ -273,11 +285,7 @@ class Map:
         raw = self._items_batch() if self._batch_ok else None
         if raw is None:
             raw = self._items_iter()
-        stride = self._value_stride()
-        return [
-            (k, [v[i * stride:i * stride + self.value_size] for i in range(self.ncpus)])
-            for k, v in raw
-        ]
+        return [(k, self._split(v)) for k, v in raw]
 
     def _items_batch(self) -> list[tuple[bytes, bytes]] | None:
         count = max(self.max_entries, 1)
@@ -362,11 +370,14 @@ class Program:
             raise LibbpfError(f"prog info of {self.name}", ctypes.get_errno())
         return ProgStats(self.name, info.run_time_ns, info.run_cnt)
 
-    def test_run(self, ctx: bytes) -> int:
-        """BPF_PROG_TEST_RUN with ctx as the program's context (raw_tp: the u64 args)."""
+    def test_run(self, ctx: bytes, cpu: int | None = None) -> int:
+        """BPF_PROG_TEST_RUN with ctx as the program's context (raw_tp: the u64 args),
+        on the given CPU if any (raw_tp only), so per-CPU paths can be exercised."""
         buf = ctypes.create_string_buffer(ctx, len(ctx))
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(buf),
                             ctx_size_in=len(ctx))
+        if cpu is not None:
+            opts.flags, opts.cpu = _BPF_F_TEST_RUN_ON_CPU, cpu
         rc = _lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
         if rc < 0:
             raise LibbpfError(f"test run of {self.name}", ctypes.get_errno())

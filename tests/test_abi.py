@@ -38,10 +38,10 @@ def test_header_structs_match_btf() -> None:
 
 def test_layout_sizes_are_what_c_says() -> None:
     btf = abi.btf("pagepool")
-    assert ctypes.sizeof(btf.struct("pool_counters")) == 2 * 16 + 8
+    assert ctypes.sizeof(btf.struct("pool_counters")) == 8 + 2 * 16 + 8
     info = btf.struct("pool_info")
-    # seven __u64, nine 32-bit fields, then char[16]; 8-byte aligned with tail padding
-    assert info.ifname.offset == 7 * 8 + 9 * 4
+    # seven __u64, ten 32-bit fields, then char[16]: 8-byte aligned, no padding
+    assert info.ifname.offset == 7 * 8 + 10 * 4
     assert ctypes.sizeof(info) == 112
 
 

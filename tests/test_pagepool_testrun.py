@@ -3,10 +3,13 @@ exercise net_iov and destruction paths this machine cannot produce on demand."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
 
 import pytest
 
+from netmemtrace import abi
 from netmemtrace.collect.pagepool import PagePoolReader
 from netmemtrace.snapshot import Unavailable
 
@@ -23,8 +26,24 @@ def args(*values: int) -> bytes:
     return struct.pack(f"<{len(values)}Q", *(v & (2**64 - 1) for v in values))
 
 
-def run(lo, hook: str, *values: int) -> None:
-    assert lo.obj.programs[f"{hook}__raw_tp"].test_run(args(*values)) == 0
+def run(lo, hook: str, *values: int, cpu: int | None = None) -> None:
+    assert lo.obj.programs[f"{hook}__raw_tp"].test_run(args(*values), cpu=cpu) == 0
+
+
+def home_slot(pool: int) -> int:
+    """pagepool.bpf.c's pool_slot_hash, computed independently."""
+    return ((pool * 0x9E3779B97F4A7C15) % 2**64) >> (64 - 12)
+
+
+def slot_copies(lo, slot: int) -> list:
+    reader = PagePoolReader(lo.obj)
+    raw = lo.obj.map("pool_counters").lookup_per_cpu(ctypes.c_uint32(slot))
+    return [abi.decode(reader._counters_t, v) for v in raw]
+
+
+def owned_slots(lo) -> dict[int, int]:
+    return {int.from_bytes(k, "little"): int.from_bytes(v[0], "little")
+            for k, v in lo.obj.map("pool_slots").items()}
 
 
 def pools_by_addr(lo) -> dict:
@@ -52,7 +71,7 @@ def test_unknown_pool_is_created_once(raw_tp_pagepool) -> None:
     for hold in range(1, 101):
         run(lo, "page_pool_state_hold", POOL_B, PAGE, hold)
     assert len(lo.obj.map("pools").items()) == 1
-    assert len(lo.obj.map("pool_counters").items()) == 1
+    assert owned_slots(lo) == {home_slot(POOL_B): POOL_B}
     pool = pools_by_addr(lo)[POOL_B]
     assert pool.hold_pages_total == 100
     # Seen from its first hold and no release yet: every page is out.
@@ -85,7 +104,8 @@ def test_zombie_then_released_pool_is_retired(raw_tp_pagepool) -> None:
         run(lo, "page_pool_state_release", POOL_A, PAGE, rel)
     assert pools_by_addr(lo)[POOL_A].inflight_pages == 0
     run(lo, "page_pool_release", POOL_A, 0, 10, 10)         # retry finds 0: kernel frees it
-    assert lo.obj.map("pool_counters").items() == []
+    assert owned_slots(lo) == {}
+    assert all(c.pool == 0 and sum(c.holds) == 0 for c in slot_copies(lo, home_slot(POOL_A)))
     released = pools_by_addr(lo)[POOL_A]
     assert released.state == "released"
     assert (released.hold_pages_total, released.release_pages_total) == (10, 10)
@@ -134,3 +154,49 @@ def test_last_activity_is_dated_by_counter_changes(raw_tp_pagepool) -> None:
     run(lo, "page_pool_state_release", POOL_A, PAGE, 1)
     assert age(3_000) == 0             # moved between the reads at 2000 and 3000
     assert age(7_000) == 4_000
+
+
+def colliding_pool(pool: int) -> int:
+    """Another kmalloc-aligned address whose home slot is the same as pool's."""
+    other = pool + 0x800
+    while home_slot(other) != home_slot(pool):
+        other += 0x800
+    return other
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two CPUs to split a pool's counters")
+def test_counters_of_every_cpu_are_summed_and_cleared_at_retire(raw_tp_pagepool) -> None:
+    lo = raw_tp_pagepool
+    run(lo, "page_pool_state_hold", POOL_A, PAGE, 1, cpu=0)
+    run(lo, "page_pool_state_hold", POOL_A, PAGE, 2, cpu=1)
+    run(lo, "page_pool_state_hold", POOL_A, PAGE, 3, cpu=1)
+    run(lo, "page_pool_state_release", POOL_A, PAGE, 1, cpu=0)
+    copies = slot_copies(lo, home_slot(POOL_A))
+    assert [c.holds[0] for c in copies[:2]] == [1, 2]
+    pool = pools_by_addr(lo)[POOL_A]
+    assert (pool.hold_pages_total, pool.release_pages_total, pool.inflight_pages) == (3, 1, 2)
+    run(lo, "page_pool_state_release", POOL_A, PAGE, 2, cpu=1)
+    run(lo, "page_pool_state_release", POOL_A, PAGE, 3, cpu=0)
+    run(lo, "page_pool_release", POOL_A, 0, 3, 3, cpu=1)
+    assert all(c.pool == 0 and sum(c.releases) == 0 for c in slot_copies(lo, home_slot(POOL_A)))
+    released = pools_by_addr(lo)[POOL_A]
+    assert (released.hold_pages_total, released.release_pages_total) == (3, 3)
+
+
+def test_pools_sharing_a_home_slot_count_apart(raw_tp_pagepool) -> None:
+    lo = raw_tp_pagepool
+    other = colliding_pool(POOL_A)
+    run(lo, "page_pool_state_hold", POOL_A, PAGE, 1)
+    for hold in range(1, 6):
+        run(lo, "page_pool_state_hold", other, PAGE, hold)
+    home = home_slot(POOL_A)
+    assert owned_slots(lo) == {home: POOL_A, (home + 1) % 4096: other}
+    pools = pools_by_addr(lo)
+    assert (pools[POOL_A].hold_pages_total, pools[other].hold_pages_total) == (1, 5)
+    # The home owner goes away; the displaced pool keeps its slot and its counts.
+    run(lo, "page_pool_state_release", POOL_A, PAGE, 1)
+    run(lo, "page_pool_release", POOL_A, 0, 1, 1)
+    run(lo, "page_pool_state_release", other, PAGE, 1)
+    assert owned_slots(lo) == {(home + 1) % 4096: other}
+    pool = pools_by_addr(lo)[other]
+    assert (pool.hold_pages_total, pool.release_pages_total, pool.inflight_pages) == (5, 1, 4)

@@ -17,10 +17,12 @@ OBJ = str(abi.object_path("pagepool"))
 
 def test_catalogue_is_read_from_program_names() -> None:
     hooks = probes.read_catalogue(OBJ)
-    assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
+    assert [c.mechanism for c in hooks["page_pool_update_nid"].candidates] == [
         "tp_btf", "raw_tp", "tracepoint"]
+    assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
+        "raw_tp", "tracepoint"]
     assert [c.mechanism for c in hooks["page_pool_destroy"].candidates] == ["fentry", "kprobe"]
-    assert hooks["page_pool_release"].candidates[2].tracepoint == "page_pool/page_pool_release"
+    assert hooks["page_pool_release"].candidates[1].tracepoint == "page_pool/page_pool_release"
 
 
 @pytest.mark.live
@@ -45,7 +47,8 @@ def test_function_probe_falls_back_and_says_why() -> None:
     finally:
         lo.close()
     assert rows["page_pool_state_hold"].attached
-    assert rows["page_pool_state_hold"].mechanism == "tp_btf"
+    assert rows["page_pool_state_hold"].mechanism == "raw_tp"  # hashes the pool pointer
+    assert rows["page_pool_update_nid"].mechanism == "tp_btf"
     destroy = rows["page_pool_destroy"]
     # Here fentry is refused (lockdown) and kprobes are compiled out; a user's kernel attaches.
     if not destroy.attached:

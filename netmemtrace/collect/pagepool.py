@@ -96,12 +96,10 @@ class PagePoolReader:
         infos = {int.from_bytes(k, "little"): abi.decode(self._info_t, v[0])
                  for k, v in self._info.items()}
         pools = []
-        for key, per_cpu in self._counters.items():
-            addr = int.from_bytes(key, "little")
-            info = infos.get(addr)
-            if info is None:
+        for info in infos.values():
+            counters = self._slot_counters(info)
+            if counters is None:
                 continue  # created between the two reads; next snapshot has it
-            counters = sum_counters([abi.decode(self._counters_t, v) for v in per_cpu])
             pools.append(self._pool(info, counters, now_ns, names, own_ino, links,
                                     kernel_pools, retired=False))
         for key, vals in self._retired.items():
@@ -117,6 +115,15 @@ class PagePoolReader:
         live = {(info.pool, info.first_seen_ns) for info in infos.values()}
         self._activity = {k: v for k, v in self._activity.items() if k in live}
         return pools
+
+    def _slot_counters(self, info: ctypes.Structure) -> PoolCounters | None:
+        """The pool's counters: the CPU copies of its slot that count for it. A CPU that
+        has not seen the pool since it claimed the slot holds 0 there."""
+        per_cpu = self._counters.lookup_per_cpu(ctypes.c_uint32(info.slot))
+        if per_cpu is None:
+            return None
+        copies = [abi.decode(self._counters_t, v) for v in per_cpu]
+        return sum_counters([c for c in copies if c.pool == info.pool])
 
     def _pool(self, info: ctypes.Structure, c: PoolCounters, now_ns: int,
               names: dict[int, str], own_ino: int, links: dict[int, dict[int, str]],
