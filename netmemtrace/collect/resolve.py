@@ -1,5 +1,6 @@
-"""Names for kernel identities: netns inode -> netns name, ifindex -> netdev name (pyroute2),
-memory provider ops address -> provider kind (kallsyms)."""
+"""Names for kernel identities: netns inode -> netns name (/run/netns, as `ip netns`),
+ifindex -> netdev name (rtnetlink, collect/netlink.py), memory provider ops address ->
+provider kind (kallsyms)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import functools
 import os
 import threading
 
-from pyroute2 import IPRoute, netns
-
 from .. import kallsyms
+from . import netlink
 
 _CLONE_NEWNET = 0x40000000
+# Where `ip netns add` (iproute2, pyroute2) bind-mounts named network namespaces.
+NETNS_RUN_DIR = "/var/run/netns"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # Memory provider ops symbols (net/core/devmem.c, io_uring/zcrx.c) and what they mean.
@@ -25,10 +27,19 @@ def own_netns_inode() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
-def netns_names() -> dict[int, str]:
+def netns_names(run_dir: str = NETNS_RUN_DIR) -> dict[int, str]:
     """inode -> name of every netns named under /run/netns (ip netns add)."""
-    by_dev = netns._get_ns_by_inode()  # pyroute2 keys by (dev, inode); inode is unique here
-    return {ino: name for names in by_dev.values() for ino, name in names.items()}
+    names: dict[int, str] = {}
+    try:
+        entries = sorted(os.listdir(run_dir))
+    except OSError:
+        return names  # no named netns yet
+    for name in entries:
+        try:
+            names.setdefault(os.stat(os.path.join(run_dir, name)).st_ino, name)
+        except OSError:
+            continue  # deleted meanwhile, or a name whose mount is gone
+    return names
 
 
 def netns_label(ino: int, names: dict[int, str], own_ino: int) -> str | None:
@@ -45,7 +56,7 @@ def link_names(ns_name: str | None) -> dict[int, str]:
     pyroute2's IPRoute(netns=...) forks a helper process, which inherits our signal
     handlers, locks and BPF fds; a fork per refresh is also slow. Instead a short-lived
     thread joins the netns (setns changes only the calling thread) and opens its netlink
-    socket there.
+    socket there (a socket belongs to the netns it was created in).
     """
     if ns_name is None:
         return _links_here()
@@ -53,7 +64,7 @@ def link_names(ns_name: str | None) -> dict[int, str]:
 
     def in_netns() -> None:
         try:
-            fd = os.open(os.path.join(netns.NETNS_RUN_DIR, ns_name), os.O_RDONLY)
+            fd = os.open(os.path.join(NETNS_RUN_DIR, ns_name), os.O_RDONLY)
             try:
                 if _libc.setns(fd, _CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
@@ -73,8 +84,7 @@ def link_names(ns_name: str | None) -> dict[int, str]:
 
 
 def _links_here() -> dict[int, str]:
-    with IPRoute() as ipr:
-        return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    return netlink.link_names_here()
 
 
 @functools.cache
