@@ -164,6 +164,8 @@ _declare("ring_buffer__poll", ctypes.c_int, _c_void_p, ctypes.c_int)
 _declare("ring_buffer__free", None, _c_void_p)
 _declare("ring_buffer__epoll_fd", ctypes.c_int, _c_void_p)
 
+# Entries read per batch lookup syscall (Map.items()).
+BATCH_ENTRIES = 256
 # Map types whose values are per CPU (the kernel hands back one value per possible CPU).
 _PERCPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP
 _LIBBPF_WARN = 0
@@ -288,25 +290,37 @@ class Map:
         return [(k, self._split(v)) for k, v in raw]
 
     def _items_batch(self) -> list[tuple[bytes, bytes]] | None:
-        count = max(self.max_entries, 1)
+        # BATCH_ENTRIES at a time: buffers sized to max_entries (16k entries of per-CPU
+        # values in some maps) cost MBs per read, which the allocator then keeps (RSS).
         vstride = self._value_stride() * self.ncpus
-        keys = ctypes.create_string_buffer(self.key_size * count)
-        vals = ctypes.create_string_buffer(vstride * count)
-        out_batch = ctypes.create_string_buffer(max(self.key_size, 8))
-        n = ctypes.c_uint32(count)
+        count = min(max(self.max_entries, 1), BATCH_ENTRIES)
+        token = max(self.key_size, 8)  # in/out_batch: a bucket index or a key
+        out_batch, in_batch = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        rc = _lib.bpf_map_lookup_batch(self.fd, None, out_batch, keys, vals, ctypes.byref(n),
-                                       ctypes.byref(opts))
-        err = ctypes.get_errno() if rc < 0 else 0
-        if rc < 0 and err != errno.ENOENT:
-            # Array maps and old kernels refuse batch ops: fall back for good.
-            self._batch_ok = False
-            return None
-        ks, raw = keys.raw, vals.raw
-        return [
-            (ks[i * self.key_size:(i + 1) * self.key_size], raw[i * vstride:(i + 1) * vstride])
-            for i in range(n.value)
-        ]
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(self.key_size * count)
+            vals = ctypes.create_string_buffer(vstride * count)
+            n = ctypes.c_uint32(count)
+            rc = _lib.bpf_map_lookup_batch(self.fd, None if first else in_batch, out_batch,
+                                           keys, vals, ctypes.byref(n), ctypes.byref(opts))
+            err = ctypes.get_errno() if rc < 0 else 0
+            if err == errno.ENOSPC and n.value == 0:
+                count *= 2  # one hash bucket holds more entries than count: retry, larger
+                continue
+            if rc < 0 and err != errno.ENOENT:
+                # Old kernels and some map types refuse batch ops: fall back for good.
+                self._batch_ok = False
+                return None
+            ks = ctypes.string_at(keys, self.key_size * n.value)
+            vs = ctypes.string_at(vals, vstride * n.value)
+            out.extend((ks[i * self.key_size:(i + 1) * self.key_size],
+                        vs[i * vstride:(i + 1) * vstride]) for i in range(n.value))
+            if err == errno.ENOENT:  # the end of the map
+                return out
+            ctypes.memmove(in_batch, out_batch, token)
+            first = False
 
     def _items_iter(self) -> list[tuple[bytes, bytes]]:
         out = []
