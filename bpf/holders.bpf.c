@@ -8,9 +8,9 @@
  * receive, out-of-order, error (and UDP reader) queues; for every skb its head (a page_pool
  * page when head_frag and pp_recycle), its frags and its frag_list. Each netmem whose pool
  * is in zombie_pools goes to userspace through a ring buffer, which deduplicates (pages are
- * shared by skbs) and counts. holders_deferred walks every CPU's deferred-free lists and
- * the zombie pools' own rings. Every walk is bounded; a queue cut at the bound is reported
- * as partial, never guessed.
+ * shared by skbs) and counts. holders_deferred walks every CPU's deferred-free lists,
+ * holders_rings the zombie pools' own rings. Every walk is bounded; a queue cut at the bound
+ * is reported as partial, never guessed.
  *
  * Two kernel addresses that BTF does not give are calibrated by userspace once, with helper
  * iterators: virt_to_page() for skb heads (holders_slab: a slab's struct page and a free
@@ -58,9 +58,22 @@ struct {
 	__type(value, struct holders_scan_stats);
 } holders_stats SEC(".maps");
 
+/*
+ * Zombie page references (struct holder_page, 40 bytes with the ring's own header), drained
+ * by userspace after every socket that has any (the socket iterators are read one record at
+ * a time: a read returns as soon as one socket record is printed), after the CPUs'
+ * deferred-free lists and after the zombie pools' rings. So it holds, at most, one socket's
+ * references, or the CPU lists' (skb_defer_max skbs per CPU), or the rings' (pages returned
+ * since the last release retry, a second ago). 1 MiB holds 26,214 references: one socket
+ * with 50 MiB of 2 KiB page_pool frags queued, eight times the default tcp_rmem maximum.
+ * References beyond that are counted (holders_scan_stats.refs_lost) and their pages are
+ * reported unattributed with that reason, never dropped. Userspace maps the data area
+ * twice, so this is 2 MiB of the daemon's RSS (it was 4 MiB, 8 MB of RSS, drained per
+ * network namespace), and only once a zombie pool appears.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);
+	__uint(max_entries, 1 << 20);
 } holder_pages SEC(".maps");
 
 /* Each CPU's static per-CPU area (where its runqueue minus runqueues_off is); 0 unknown. */
@@ -617,8 +630,9 @@ static long pool_step(struct bpf_map *map, __u64 *key, __u32 *val, void *ctx)
 }
 
 /*
- * Runs once per read: an iter/tcp program that ignores the sockets and does its work in
- * the final call the iterator makes with no socket.
+ * holders_deferred and holders_rings run once per scan each (userspace drains the ring
+ * buffer in between): iter/tcp programs that ignore the sockets and do their work in the
+ * final call the iterator makes with no socket.
  */
 SEC("iter/tcp")
 int holders_deferred(struct bpf_iter__tcp *ctx)
@@ -638,6 +652,16 @@ int holders_deferred(struct bpf_iter__tcp *ctx)
 	}
 	cpus = d.cfg->nr_cpus < MAX_CPUS ? d.cfg->nr_cpus : MAX_CPUS;
 	bpf_loop(cpus, cpu_step, &d, 0);
+	return 0;
+}
+
+SEC("iter/tcp")
+int holders_rings(struct bpf_iter__tcp *ctx)
+{
+	struct defer_walk d = { .seq = ctx->meta->seq };
+
+	if (ctx->sk_common)
+		return 0;
 	bpf_for_each_map_elem(&zombie_pools, pool_step, &d, 0);
 	return 0;
 }

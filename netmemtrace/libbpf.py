@@ -161,6 +161,7 @@ _declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _c_void_p,
          ctypes.POINTER(ctypes.c_uint32))
 _declare("ring_buffer__new", _c_void_p, ctypes.c_int, _RB_SAMPLE_FN, _c_void_p, _c_void_p)
 _declare("ring_buffer__poll", ctypes.c_int, _c_void_p, ctypes.c_int)
+_declare("ring_buffer__consume", ctypes.c_int, _c_void_p)
 _declare("ring_buffer__free", None, _c_void_p)
 _declare("ring_buffer__epoll_fd", ctypes.c_int, _c_void_p)
 
@@ -354,6 +355,13 @@ class RingBuffer:
             raise LibbpfError("ring_buffer__poll", -n)
         return max(n, 0)
 
+    def consume(self) -> int:
+        """Hand every sample waiting now to the callback, without waiting or epoll."""
+        n = _lib.ring_buffer__consume(self._rb)
+        if n < 0:
+            raise LibbpfError("ring_buffer__consume", -n)
+        return n
+
     def fileno(self) -> int:
         """An epoll fd readable when samples wait: wait on it without holding locks."""
         return _lib.ring_buffer__epoll_fd(self._rb)
@@ -410,14 +418,19 @@ class Link:
 
     def read_iter(self) -> bytes:
         """Run a BPF iterator link once and return everything it printed."""
+        return b"".join(self.iter_chunks(65536))
+
+    def iter_chunks(self, size: int) -> Iterator[bytes]:
+        """Run a BPF iterator link once, yielding what each read() of at most `size` bytes
+        returns. The kernel stops visiting objects once `size` bytes are printed, so with
+        the size of one record the caller regains control after every object that printed
+        one (and may drain what the program sent elsewhere meanwhile)."""
         fd = _lib.bpf_iter_create(_lib.bpf_link__fd(self.ptr))
         if fd < 0:
             raise LibbpfError(f"iterator {self.program.name}", ctypes.get_errno())
-        chunks = []
         with os.fdopen(fd, "rb", buffering=0) as f:
-            while chunk := f.read(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
+            while chunk := f.read(size):
+                yield chunk
 
 
 class Object:

@@ -7,6 +7,7 @@ same time) by its hold count, which is frozen once the pool is destroyed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -263,3 +264,45 @@ def test_explain_zombie_report(capsys) -> None:
     assert "100.0%  socket" in ours or re.search(r"\s9\d\.\d%  socket", ours), ours
     assert "verdict: NOT SELF-HEALING" in ours
     assert "what was checked:" in text and "per-CPU deferred-free lists: read on" in text
+
+
+def test_ring_buffer_holds_one_socket_at_a_time(trace_instance) -> None:
+    """The page references' ring buffer is drained after every socket that holds zombie
+    pages: sockets of one netns holding more references together than the ring has room
+    for lose none. One socket holding more than that loses the excess, counted and
+    reported as unattributed with the reason, never hidden."""
+    ring = 64 << 10
+    room = ring // 40  # struct holder_page, 32 bytes, and the ring's 8-byte header
+    lo = probes.load_object("holders", str(abi.object_path("holders")),
+                            max_entries={"holder_pages": ring})
+    small = HoldersCollector(lo.obj)
+    try:
+        with Session() as session:
+            trace = trace_instance("page_pool/page_pool_release")
+            with demo.VethTopology() as topo, contextlib.ExitStack() as held:
+                helds = [held.enter_context(demo.hold_unread(topo, 1 << 20)) for _ in range(4)]
+                topo.delete_link()
+                full, _ = settled(session, topo, trace)
+                (many,) = small.annotate([full])
+            scan = small.last_scan
+            assert scan is not None and scan.zombie_refs > room, scan
+            assert scan.zombie_refs_lost == 0
+            check_sum(many)
+            mine = {h.pid: h.pages for h in many.holders if h.kind == "socket"}
+            assert set(mine) >= {h.receiver_pid for h in helds}
+            assert all(0 < mine[h.receiver_pid] < room for h in helds)
+
+            with demo.VethTopology() as topo, demo.hold_unread(topo, 8 << 20) as one:
+                topo.delete_link()
+                full, _ = settled(session, topo, trace)
+                (big,) = small.annotate([full])
+            scan = small.last_scan
+            sock = next(h for h in big.holders if h.pid == one.receiver_pid)
+            assert scan.zombie_refs_lost > 0 and sock.pages <= room
+            check_sum(big)
+            assert big.holders[-1].kind == "unattributed"
+            assert f"{scan.zombie_refs_lost} page reference(s) lost (ring buffer full)" in \
+                big.holders[-1].detail
+    finally:
+        small.close()
+        lo.close()

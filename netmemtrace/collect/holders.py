@@ -54,7 +54,7 @@ PAGE_SHIFT = os.sysconf("SC_PAGE_SIZE").bit_length() - 1
 DEFAULT_MAX_SKBS = 4096        # per queue or list before a walk is reported partial
 MIN_SLAB_AGREEMENT = 8         # calibration pairs that must agree on virt_to_page's offset
 CLONE_NEWNET = 0x40000000
-ITERATORS = ("holders_tcp", "holders_udp", "holders_deferred", "holders_cpus",
+ITERATORS = ("holders_tcp", "holders_udp", "holders_deferred", "holders_rings", "holders_cpus",
              "holders_slab", "holders_sysctl")
 
 # enum holder_where (bpf/netmemtrace.h); lower numbers win when skbs share a page
@@ -306,7 +306,10 @@ class HoldersCollector:
         self._bases = obj.map("cpu_percpu_base")
         self._links = {name: obj.attach(name) for name in ITERATORS}
         self._refs: list[tuple[int, int, int, int]] = []
-        self._rb = libbpf.RingBuffer(obj.map("holder_pages"), self._on_ref)
+        # The page references' ring buffer, mapped on the first scan: most hosts never see
+        # a zombie pool, and a mapped ring is twice its size in RSS (bpf/holders.bpf.c).
+        self._pages_map = obj.map("holder_pages")
+        self._rb: libbpf.RingBuffer | None = None
         self._ncpus = libbpf.num_possible_cpus()
         self._percpu: dict[str, int] = {}  # parsed by calibrate(): 0.1 s, only for zombies
         self._calibration: Calibration | None = None
@@ -317,6 +320,23 @@ class HoldersCollector:
                           dict[int, tuple[Holder, ...]]] | None = None
         self._memcgs = cgroups.CgroupResolver.for_memory()
         self.last_scan: ScanReport | None = None
+
+    def _drain(self) -> None:
+        """Take every page reference the iterators sent so far off the ring buffer."""
+        if self._rb is None:
+            self._rb = libbpf.RingBuffer(self._pages_map, self._on_ref)
+        self._rb.consume()
+
+    def _socket_records(self, name: str) -> bytes:
+        """Run a socket iterator, draining the ring buffer after every socket that holds
+        zombie pages: a read of one record's size returns as soon as a socket printed its
+        record, which comes after its page references. The ring then only ever holds one
+        socket's references (bpf/holders.bpf.c sizes it so)."""
+        chunks = []
+        for chunk in self._links[name].iter_chunks(ctypes.sizeof(self._t["holder_sock"])):
+            chunks.append(chunk)
+            self._drain()
+        return b"".join(chunks)
 
     def _on_ref(self, raw: bytes) -> None:
         r = abi.decode(self._t["holder_page"], raw)
@@ -406,7 +426,7 @@ class HoldersCollector:
         cal = self.calibrate()
         self._set_zombies(zombie_addrs)
         self._stats.update(ctypes.c_uint32(0), bytes(ctypes.sizeof(self._t["holders_scan_stats"])))
-        self._rb.poll(0)
+        self._drain()
         self._refs = []
         socks: dict[int, ctypes.Structure] = {}
         failed: list[str] = []
@@ -416,23 +436,23 @@ class HoldersCollector:
             try:
                 ctx = contextlib.nullcontext() if ino == own else entered_netns(path)
                 with ctx:
-                    raw = self._links["holders_tcp"].read_iter() + \
-                        self._links["holders_udp"].read_iter()
+                    raw = self._socket_records("holders_tcp") + \
+                        self._socket_records("holders_udp")
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ESRCH):  # not just gone meanwhile
                     failed.append(f"{path}: {exc.strerror or exc}")
                 continue
             visited += 1
             socks.update((r.sk, r) for r in self._records(raw))
-            self._rb.poll(0)  # drain as we go: the ring buffer only overflows on one netns
         cpus: dict[int, ctypes.Structure] = {}
         pools: dict[int, ctypes.Structure] = {}
-        for r in self._records(self._links["holders_deferred"].read_iter()):
-            if r.type == REC_CPU:
-                cpus[r.cpu] = r
-            else:
-                pools[r.pool] = r
-        self._rb.poll(0)
+        for name in ("holders_deferred", "holders_rings"):  # the ring drained after each
+            for r in self._records(self._links[name].read_iter()):
+                if r.type == REC_CPU:
+                    cpus[r.cpu] = r
+                else:
+                    pools[r.pool] = r
+            self._drain()
         stats = abi.decode(self._t["holders_scan_stats"], self._stats.lookup(ctypes.c_uint32(0)))
         readable = sum(1 for c in cpus.values() if c.readable)
         report = ScanReport(
@@ -517,7 +537,9 @@ class HoldersCollector:
         return out
 
     def close(self) -> None:
-        self._rb.close()
+        if self._rb is not None:
+            self._rb.close()
+            self._rb = None
 
 
 def is_zombie(pool: PoolSnapshot) -> bool:
