@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import functools
 import gzip
 import hashlib
 import ipaddress
@@ -33,8 +34,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import bcrypt
-import yaml
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
@@ -76,9 +75,18 @@ _TOOLKIT_ONLY_KEYS = {"cert", "key", "client_ca", "cipher_suites", "curve_prefer
                       "prefer_server_cipher_suites", "client_allowed_sans", "rate_limit"}
 _TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 _HTTP_KEYS = {"headers", "http2"}
-# Unknown users are checked against this hash too, so a response's timing does not tell
-# whether the user exists.
-_DUMMY_HASH = bcrypt.hashpw(b"netmemtrace", bcrypt.gensalt(rounds=10))
+# bcrypt and yaml are imported only with --web-config-file (the common case has no
+# config): no module code or shared library for them in the daemon's RSS otherwise, and no
+# bcrypt hash computed at start. (ssl stays: http.server's http.client imports it anyway.)
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Unknown users are checked against this hash too, so a response's timing does not
+    tell whether the user exists."""
+    import bcrypt
+
+    return bcrypt.hashpw(b"netmemtrace", bcrypt.gensalt(rounds=10))
 
 
 def _log(message: str) -> None:
@@ -147,6 +155,8 @@ def _tls_context(cfg: dict[str, Any], path: str) -> ssl.SSLContext:
 
 
 def _users(cfg: dict[str, Any], path: str) -> dict[str, bytes]:
+    import bcrypt
+
     users = {}
     for user, hashed in cfg.items():
         if not isinstance(user, str) or not isinstance(hashed, str):
@@ -163,6 +173,8 @@ def _users(cfg: dict[str, Any], path: str) -> dict[str, bytes]:
 
 def load_web_config(path: str) -> WebConfig:
     """Parse and check an exporter-toolkit web config; SetupError says what is wrong."""
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
@@ -194,8 +206,12 @@ class BasicAuth:
     """
 
     def __init__(self, users: dict[str, bytes]) -> None:
+        import bcrypt
+
+        self._checkpw = bcrypt.checkpw
         self._users = users
         self._verified: set[bytes] = set()
+        _dummy_hash()  # now, not in the first unknown user's request
 
     def check(self, header: str | None) -> bool:
         scheme, _, token = (header or "").partition(" ")
@@ -210,7 +226,7 @@ class BasicAuth:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         if key in self._verified:
             return True
-        ok = bcrypt.checkpw(password.encode(), self._users.get(user, _DUMMY_HASH))
+        ok = self._checkpw(password.encode(), self._users.get(user) or _dummy_hash())
         if ok and user in self._users:
             self._verified.add(key)
             return True
