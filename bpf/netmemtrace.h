@@ -207,12 +207,17 @@ struct netmem_config {
 	 */
 	__u64 page_offset_base_addr;
 	__u64 vmemmap_base_addr;
+	/* netmems max_entries - 2: masks a slot index down to the first of its pair */
+	__u64 slot_mask;
 };
 
-/* One tracked netmem (HASH keyed by the netmem_ref), deleted when it leaves the pool. */
+/*
+ * One tracked netmem: a slot of the netmems table (see netmem.bpf.c), freed (netmem = 0)
+ * when it leaves the pool. Aligned to a cache line: each slot access is one line.
+ */
 struct netmem_entry {
+	__u64 netmem;			/* the netmem_ref; 0: a free slot */
 	__u64 pool;
-	__u64 since_ns;			/* entered the current state */
 	__u64 app_since_ns;		/* handed to the application (APP only) */
 	__u64 owner;			/* socket (devmem) or zcrx ifq holding it (APP only) */
 	__u64 memcg_id;			/* memory cgroup of the process it was handed to */
@@ -220,7 +225,7 @@ struct netmem_entry {
 	__u32 user_refs;		/* tokens / zcrx buffers outstanding on it */
 	enum netmem_state state;
 	enum netmem_type type;
-};
+} __attribute__((aligned(64)));
 
 #define NETMEM_HOLD_BUCKETS 64
 
@@ -279,7 +284,7 @@ enum netmem_replay_op {
 
 /* Self-statistics and exact global counters of netmem.bpf.c, one copy per CPU. */
 struct netmem_stats {
-	__u64 netmem_map_full;		/* a sampled netmem did not fit in netmems */
+	__u64 netmem_map_full;		/* a sampled netmem evicted another from netmems */
 	__u64 pool_map_full;		/* a pool did not fit in netmem_pools */
 	__u64 socket_map_full;		/* a socket did not fit in devmem_sockets */
 	__u64 call_map_full;		/* a syscall or function entry could not be remembered */

@@ -291,6 +291,16 @@ class Map:
         return [(k, self._split(v)) for k, v in raw]
 
     def _items_batch(self) -> list[tuple[bytes, bytes]] | None:
+        vstride = self._value_stride() * self.ncpus
+        out: list[tuple[bytes, bytes]] = []
+        for n, ks, vs in self._batches():
+            out.extend((ks[i * self.key_size:(i + 1) * self.key_size],
+                        vs[i * vstride:(i + 1) * vstride]) for i in range(n))
+        return out if self._batch_ok else None
+
+    def _batches(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """(count, keys, values) per BPF_MAP_LOOKUP_BATCH; stops early, with _batch_ok
+        cleared, where the kernel refuses batch ops for this map."""
         # BATCH_ENTRIES at a time: buffers sized to max_entries (16k entries of per-CPU
         # values in some maps) cost MBs per read, which the allocator then keeps (RSS).
         vstride = self._value_stride() * self.ncpus
@@ -298,7 +308,6 @@ class Map:
         token = max(self.key_size, 8)  # in/out_batch: a bucket index or a key
         out_batch, in_batch = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        out: list[tuple[bytes, bytes]] = []
         first = True
         while True:
             keys = ctypes.create_string_buffer(self.key_size * count)
@@ -313,15 +322,26 @@ class Map:
             if rc < 0 and err != errno.ENOENT:
                 # Old kernels and some map types refuse batch ops: fall back for good.
                 self._batch_ok = False
-                return None
-            ks = ctypes.string_at(keys, self.key_size * n.value)
-            vs = ctypes.string_at(vals, vstride * n.value)
-            out.extend((ks[i * self.key_size:(i + 1) * self.key_size],
-                        vs[i * vstride:(i + 1) * vstride]) for i in range(n.value))
+                return
+            yield (n.value, ctypes.string_at(keys, self.key_size * n.value),
+                   ctypes.string_at(vals, vstride * n.value))
             if err == errno.ENOENT:  # the end of the map
-                return out
+                return
             ctypes.memmove(in_batch, out_batch, token)
             first = False
+
+    def array_chunks(self) -> Iterator[bytes]:
+        """A plain array map's values in index order, a batch of them concatenated at a
+        time: scanning a 32k-slot table this way costs no per-entry Python object."""
+        index = 0
+        if self._batch_ok:
+            for n, _keys, vals in self._batches():
+                yield vals
+                index += n
+            if self._batch_ok:
+                return
+        for i in range(index, self.max_entries):
+            yield self.lookup(ctypes.c_uint32(i)) or bytes(self.value_size)
 
     def _items_iter(self) -> list[tuple[bytes, bytes]]:
         out = []

@@ -16,7 +16,7 @@ HEADER = (REPO / "bpf" / "netmemtrace.h").read_text()
 def header_structs() -> dict[str, list[str]]:
     """struct name -> member names, parsed from the header text."""
     out = {}
-    for name, body in re.findall(r"^struct (\w+) \{\n(.*?)^\};", HEADER, re.S | re.M):
+    for name, body in re.findall(r"^struct (\w+) \{\n(.*?)^\}[^;\n]*;", HEADER, re.S | re.M):
         body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
         out[name] = [re.findall(r"(\w+)(?:\[\w+\])?;", decl)[0]
                      for decl in body.split(";") if decl.strip() for decl in [decl + ";"]]

@@ -46,7 +46,7 @@ class Model:
     def apply(self, t_ns: int, event: str, netmem: int, typ: str, *, owner: int = 0,
               tgid: int = 0) -> None:
         to = EVENT_STATE[event]
-        old = self.entries.get(netmem) or Tracked(netmem, POOL, "none", typ, 0, 0, 0, 0, 0, 0)
+        old = self.entries.get(netmem) or Tracked(netmem, POOL, "none", typ, 0, 0, 0, 0, 0)
         if old.state != to:
             self.transitions[old.state, to] += 1
         if old.state == "application" and to != "application":
@@ -56,7 +56,7 @@ class Model:
             return
         app = to == "application"
         self.entries[netmem] = Tracked(
-            netmem, POOL, to, typ, t_ns, old.app_since_ns if old.state == to else
+            netmem, POOL, to, typ, old.app_since_ns if old.state == to else
             (t_ns if app else 0), owner if app else 0, tgid if app else 0, 0, int(app))
 
     def totals(self) -> PoolTotals:
@@ -175,9 +175,9 @@ def test_unavailable_state_spoils_the_pool_total_but_not_other_types() -> None:
 
 
 def test_holders_group_by_process_and_memcg() -> None:
-    entries = [Tracked(i, POOL, "application", "dmabuf", 0, 100 + i, 0, pid, cg, 1)
+    entries = [Tracked(i, POOL, "application", "dmabuf", 100 + i, 0, pid, cg, 1)
                for i, (pid, cg) in enumerate([(10, 1), (10, 1), (10, 2), (20, 1)])]
-    entries.append(Tracked(99, POOL, "stack", "dmabuf", 0, 0, 0, 0, 0, 0))
+    entries.append(Tracked(99, POOL, "stack", "dmabuf", 0, 0, 0, 0, 0))
     out = holders(entries, 4, 1000, {10: "app", 20: None}, {1: "/a", 2: "/b"})
     assert [(h.pid, h.memcg_id, h.netmem_held, h.oldest_hold_age_ns) for h in out] == [
         (10, 1, 8, 900), (10, 2, 4, 898), (20, 1, 4, 897)]

@@ -22,11 +22,13 @@ from workloads.devmem_calls import MSG_SOCK_DEVMEM, SCM_DEVMEM_DMABUF, SO_DEVMEM
 
 from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import (
+    HASH_MUL,
     NetmemReader,
     Tracked,
     enum_values,
     is_sampled,
     pool_states,
+    slot_mask,
 )
 from netmemtrace.snapshot import DevmemSocket
 
@@ -281,12 +283,32 @@ def test_sampling_tracks_exactly_the_hashed_netmem() -> None:
         assert harness.transitions() == {("none", "pool"): len(expected)}
 
 
-def test_full_tracking_map_is_counted() -> None:
+def table_model(netmems: list[int], entries: int) -> tuple[set[int], int]:
+    """netmem.bpf.c's 2-way table, modelled: what stays tracked and how many evictions."""
+    slots: list[int] = [0] * entries
+    evicted = 0
+    for x in netmems:
+        first = ((((x & ~1) >> 6) * HASH_MUL) % 2**64 >> 16) & slot_mask(entries)
+        if slots[first] != x and (slots[first] or slots[first + 1] == x):
+            evicted += slots[first + 1] not in (0, x)
+            first += 1
+        slots[first] = x
+    return {x for x in slots if x}, evicted
+
+
+def test_slot_pair_overflow_evicts_and_is_counted() -> None:
+    pages = [PAGE + i * 64 for i in range(10)]
+    expected, evicted = table_model(pages, 4)
+    assert len(expected) == 4 and evicted > 0
     for harness in _harness(1, max_entries={"netmems": 4}):
-        for hold in range(10):
-            harness.run("page_pool_state_hold", POOL, PAGE + hold * 64, hold)
-        assert len(harness.tracked()) == 4
-        assert harness.reader.stats()["netmem_map_full"] == 6
+        for hold, page in enumerate(pages, 1):
+            harness.run("page_pool_state_hold", POOL, page, hold)
+        assert set(harness.tracked()) == expected
+        assert harness.reader.stats()["netmem_map_full"] == evicted
+        # An evicted netmem's release finds another in its slot and changes nothing.
+        gone = next(p for p in pages if p not in expected)
+        harness.run("page_pool_state_release", POOL, gone, 1)
+        assert set(harness.tracked()) == expected
 
 
 def test_nothing_is_tracked_before_userspace_configures_sampling() -> None:
@@ -295,7 +317,7 @@ def test_nothing_is_tracked_before_userspace_configures_sampling() -> None:
     try:
         ctx = struct.pack("<3Q", POOL, PAGE, 1)
         assert lo.obj.programs["page_pool_state_hold__raw_tp"].test_run(ctx) == 0
-        assert lo.obj.map("netmems").items() == []
+        assert not any(any(raw) for raw in lo.obj.map("netmems").array_chunks())
     finally:
         lo.close()
 

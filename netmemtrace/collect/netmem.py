@@ -81,6 +81,13 @@ def sample_threshold(n: int) -> int:
     return (1 << 32) // n
 
 
+def slot_mask(table_entries: int) -> int:
+    """netmem_config.slot_mask: the netmems table is indexed by slot pairs."""
+    if table_entries < 2 or table_entries & (table_entries - 1):
+        raise ValueError(f"the netmems table needs a power-of-two size, not {table_entries}")
+    return table_entries - 2
+
+
 def is_sampled(netmem: int, n: int) -> bool:
     """Whether netmem.bpf.c tracks this netmem_ref at 1-in-n sampling."""
     h = (((netmem & ~1) >> 6) * HASH_MUL) & _U64
@@ -106,7 +113,6 @@ class Tracked:
     pool: int
     state: str
     type: str
-    since_ns: int
     app_since_ns: int
     owner: int
     tgid: int
@@ -287,7 +293,8 @@ class NetmemReader:
         """Track 1 in sample_n netmem from now on (the object tracks nothing until then)."""
         pob, vmb = head_page_symbols()
         cfg = self._config_t(sample_threshold=sample_threshold(sample_n), sample_n=sample_n,
-                             page_offset_base_addr=pob, vmemmap_base_addr=vmb)
+                             page_offset_base_addr=pob, vmemmap_base_addr=vmb,
+                             slot_mask=slot_mask(self._netmems.max_entries))
         if self._bss.value_size != ctypes.sizeof(cfg):
             raise abi.AbiError(f"netmem .bss is {self._bss.value_size} bytes, struct "
                                f"netmem_config {ctypes.sizeof(cfg)}: it must hold only that")
@@ -301,16 +308,22 @@ class NetmemReader:
         return abi.decode(self._config_t, raw).sample_n
 
     def tracked(self) -> list[Tracked]:
+        size = self._netmems.value_size
         out = []
-        for key, vals in self._netmems.items():
-            e = abi.decode(self._entry_t, vals[0])
-            out.append(Tracked(
-                netmem=int.from_bytes(key, "little"), pool=e.pool,
-                state=self._states.get(e.state, f"state{e.state}"),
-                type=self._types.get(e.type, f"type{e.type}"), since_ns=e.since_ns,
-                app_since_ns=e.app_since_ns, owner=e.owner, tgid=e.tgid,
-                memcg_id=e.memcg_id, user_refs=e.user_refs))
+        for raw in self._netmems.array_chunks():
+            # A slot's first field is its netmem (0: free): find the used slots without
+            # decoding each of the 32k.
+            netmems = memoryview(raw).cast("Q")[::size // 8]
+            for i in (i for i, netmem in enumerate(netmems) if netmem):
+                out.append(self._tracked(abi.decode(self._entry_t, raw[i * size:(i + 1) * size])))
         return out
+
+    def _tracked(self, e: ctypes.Structure) -> Tracked:
+        return Tracked(
+            netmem=e.netmem, pool=e.pool, state=self._states.get(e.state, f"state{e.state}"),
+            type=self._types.get(e.type, f"type{e.type}"),
+            app_since_ns=e.app_since_ns, owner=e.owner, tgid=e.tgid,
+            memcg_id=e.memcg_id, user_refs=e.user_refs)
 
     def pool_totals(self) -> dict[int, PoolTotals]:
         out = {}
