@@ -6,10 +6,12 @@ memory.kmem.tcp.usage_in_bytes."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -238,6 +240,53 @@ def test_ledger_overflow_is_counted(workload, netns) -> None:
                 assert [p.unaccounted_bytes for p in procs if p.pid == w.pid] == [0]
             finally:
                 w.stop()
+    finally:
+        reader.close()
+        lo.close()
+
+
+def pending_threads(obj) -> int:
+    """The BPF side's count of threads with a syscall entry waiting for its exit."""
+    raw = obj.map(".data.pending").lookup(ctypes.c_uint32(0))
+    return int.from_bytes(raw[:8], sys.byteorder)
+
+
+@pytest.mark.parametrize("mechanism", ["tp_btf", "raw_tp", "tracepoint"])
+def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism) -> None:
+    """Each sys_enter/sys_exit variant gets the syscall number and arguments its own way
+    (tp_btf: loads through the typed pt_regs; raw_tp: probe reads; tracepoint: the record),
+    and each must count, map and unmap alike. Afterwards no thread may be left counted as
+    in a call, a killed one included: that count lets every other exit skip the lookup."""
+    lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=mechanism)
+    reader = ZerocopyReader(lo.obj)
+    try:
+        rows = {r.hook: r for r in lo.status()}
+        for hook in ("sys_enter", "sys_exit"):
+            assert rows[hook].attached and rows[hook].mechanism == mechanism, rows[hook]
+        with child_memcg(f"mech-{mechanism}") as (d, _):
+            w = Workload(workload, netns, d, str(STREAM), "hold", "errors")
+            try:
+                held = w.totals["held_bytes"]
+                for step in (None, "dontneed_half", "munmap"):
+                    if step:
+                        held = w.command(step)["held_bytes"]
+                    procs, _, _ = reader.read()
+                    mine = [p for p in procs if p.pid == w.pid]
+                    assert len(mine) == 1, step
+                    assert mine[0].unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                assert held == 0
+                for name in COUNTERS:
+                    assert mine[0].counters[name] == w.totals[name], name
+            finally:
+                w.stop()
+            spin = Workload(workload, netns, d, "0", "spin")
+            time.sleep(0.2)
+            spin.stop()  # SIGKILL, most likely inside a getsockopt
+        deadline = time.monotonic() + 5
+        while pending_threads(lo.obj) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pending_threads(lo.obj) == 0
+        assert reader.stats()["pending_full"] == 0
     finally:
         reader.close()
         lo.close()
