@@ -69,6 +69,7 @@ struct netmem_config netmem_config;
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_TRACKED);
+	__uint(map_flags, BPF_F_MMAPABLE);	/* userspace scans it in place */
 	__type(key, __u32);
 	__type(value, struct netmem_entry);
 } netmems SEC(".maps");
@@ -357,7 +358,8 @@ static __always_inline void on_state_release(__u64 netmem)
 	if (!e)
 		return;
 	netmem_move(e, NETMEM_ST_NONE);
-	e->netmem = 0;
+	/* All of it: userspace skips pages of zeroed slots without looking into them. */
+	__builtin_memset(e, 0, sizeof(*e));
 }
 
 static __always_inline void on_pool_release(__u64 pool, __s32 inflight)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -330,18 +331,16 @@ class Map:
             ctypes.memmove(in_batch, out_batch, token)
             first = False
 
-    def array_chunks(self) -> Iterator[bytes]:
-        """A plain array map's values in index order, a batch of them concatenated at a
-        time: scanning a 32k-slot table this way costs no per-entry Python object."""
-        index = 0
-        if self._batch_ok:
-            for n, _keys, vals in self._batches():
-                yield vals
-                index += n
-            if self._batch_ok:
-                return
-        for i in range(index, self.max_entries):
-            yield self.lookup(ctypes.c_uint32(i)) or bytes(self.value_size)
+    def mapped(self) -> mmap.mmap:
+        """The values of a BPF_F_MMAPABLE array, mapped read-only: a large table is read in
+        place, with no syscall and no copy (32k netmem slots: 11 ms of CPU per read by
+        batch lookups, <1 ms mapped)."""
+        size = self.value_size * self.max_entries
+        size += -size % mmap.PAGESIZE
+        try:
+            return mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise LibbpfError(f"mmap of map {self.name}", exc.errno or errno.EINVAL) from None
 
     def _items_iter(self) -> list[tuple[bytes, bytes]]:
         out = []
