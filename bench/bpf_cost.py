@@ -17,9 +17,10 @@ from pathlib import Path
 
 from common import BENCH, BenchError, Bpftrace, bpf_stats, compile_floor, iperf3, prog_stats
 
-from netmemtrace import probes
+from netmemtrace import abi, probes
+from netmemtrace.collect.netmem import DEFAULT_SAMPLE_N, NetmemReader
 from netmemtrace.demo import VethTopology, tcp_stream
-from netmemtrace.session import Session
+from netmemtrace.session import STACK_OFF, Session
 
 FLOOR_MECHANISMS = ("raw_tp", "tp_btf", "tracepoint")
 BPFTRACE_SCRIPT = BENCH / "pagepool.bt"
@@ -28,6 +29,11 @@ IPERF_SECONDS = 3.0
 # Tracepoints the veth + XDP traffic itself drives, once per page or per skb.
 PACKET_PATH = {"page_pool_state_hold", "page_pool_state_release", "page_pool_release",
                "netif_receive_skb"}
+
+# netmem tracking at twice the default sampling (--netmem-sample 16), side by side: what
+# following twice as many netmem costs per page_pool event.
+DENSER_SAMPLE_N = DEFAULT_SAMPLE_N // 2
+DENSER = f"netmem --netmem-sample {DENSER_SAMPLE_N}"
 
 # (contestant, program or tracepoint) -> (run_time_ns, run_cnt), cumulative since load.
 Stats = dict[tuple[str, str], tuple[int, int]]
@@ -79,6 +85,16 @@ def _netmemtrace() -> Contestant:
     contestant = _hook_programs("netmemtrace", session.loaded)
     contestant.close = session.close
     return contestant
+
+
+def _netmem_denser() -> Contestant:
+    lo = probes.load_object("netmem", str(abi.object_path("netmem")), disabled=STACK_OFF)
+    try:
+        NetmemReader(lo, DENSER_SAMPLE_N)  # writes the sampling into the object's .bss
+    except BaseException:
+        lo.close()
+        raise
+    return _hook_programs(DENSER, [lo])
 
 
 def _floor(mech: str, path: Path) -> Callable[[], Contestant]:
@@ -142,6 +158,7 @@ def run(rounds: int = 3) -> dict[str, object]:
     floor_obj = compile_floor()
     openers: list[tuple[str, Callable[[], Contestant]]] = [
         ("netmemtrace", _netmemtrace),
+        (DENSER, _netmem_denser),
         *((f"floor/{m}", _floor(m, floor_obj)) for m in FLOOR_MECHANISMS),
     ]
     notes: list[str] = []
@@ -168,7 +185,7 @@ def run(rounds: int = 3) -> dict[str, object]:
         return sum(d.get(key, (0, 0))[1] for d in per_round)
 
     by_tp = {(p.contestant, p.tracepoint): key for key, p in programs.items()
-             if p.contestant != "netmemtrace"}
+             if p.contestant not in ("netmemtrace", DENSER)}
 
     def reference(contestant: str, tp: str) -> list[float | None]:
         key = by_tp.get((contestant, tp))
@@ -199,11 +216,16 @@ def run(rounds: int = 3) -> dict[str, object]:
                       for per_prog in zip(*(cost(k) for k in keys), strict=True)]
             rows.append(row(tp, "= all netmemtrace programs", "", max(map(events, keys)),
                             totals))
+    denser = sorted((k for k, p in programs.items()
+                     if p.contestant == DENSER and p.tracepoint.startswith("page_pool_state")),
+                    key=lambda k: programs[k].tracepoint)
+    rows += [row(programs[k].tracepoint, f"{k[1]} (--netmem-sample {DENSER_SAMPLE_N})",
+                 programs[k].mechanism, events(k), cost(k)) for k in denser]
     # The traffic's whole bill on the packet path: run time per GiB received, per contestant.
     # Other tracepoints (syscalls, memcg, sched) also count unrelated processes' events.
     groups: dict[str, list[tuple[str, str]]] = {}
     for key, p in programs.items():
-        if p.tracepoint in PACKET_PATH:
+        if p.tracepoint in PACKET_PATH and p.contestant != DENSER:
             groups.setdefault(p.contestant, []).append(key)
             if p.contestant == "netmemtrace":  # and per object: "netmemtrace pagepool"
                 groups.setdefault(f"netmemtrace {p.name.partition(':')[0]}", []).append(key)
