@@ -7,11 +7,12 @@ import argparse
 import ctypes
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import abi, caps, kallsyms, libbpf, probes
+from . import abi, caps, kallsyms, libbpf, netns_broker, probes
 from .collect import netlink, resolve
 from .collect.holders import HoldersCollector, ScanReport
 from .collect.memcg import MemcgCollector
@@ -43,9 +44,13 @@ def _bpf_stats_enabled() -> bool:
 
 class Session:
     def __init__(self, btf_path: str | None = None,
-                 netmem_sample: int = DEFAULT_SAMPLE_N, netmem_stack: bool = False) -> None:
+                 netmem_sample: int = DEFAULT_SAMPLE_N, netmem_stack: bool = False,
+                 start_threads: bool = True) -> None:
         """netmem_sample: track the ownership state of 1 in this many netmem.
-        netmem_stack: attach the per-packet netif_receive_skb probe (the stack state)."""
+        netmem_stack: attach the per-packet netif_receive_skb probe (the stack state).
+        start_threads: start the collectors' threads now; False leaves it to
+        start_threads() or the first read() (open_session: after the capability drop, as
+        threads keep the capabilities of the thread that created them)."""
         try:
             sample_threshold(netmem_sample)
         except ValueError as exc:
@@ -57,6 +62,8 @@ class Session:
         self.failed: list[probes.ProbeStatus] = []
         self._memcg: MemcgCollector | None = None
         self._holders: HoldersCollector | None = None
+        # The netns broker open_session started (netns_broker.py); stopped in close().
+        self.broker: netns_broker.Broker | None = None
         try:
             # Every kernel symbol any object or reader asks about, in one /proc/kallsyms scan.
             kallsyms.lookup(set().union(
@@ -79,7 +86,8 @@ class Session:
             self._netmem = NetmemReader(lo["netmem"], netmem_sample) if "netmem" in lo \
                 else None
             if "memcg" in lo and "zerocopy" in lo:
-                # Owns a ring-buffer thread (the zerocopy ledger); stopped in close().
+                # Owns a ring-buffer thread (the zerocopy ledger), started by
+                # start_threads() or the first read(); stopped in close().
                 self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"])
             if "holders" in lo:
                 # Iterators run only from read(), and only while a zombie pool exists.
@@ -88,9 +96,16 @@ class Session:
             # libbpf's freed load-time heap back (~4 MB of RSS, bench/).
             abi.btf.cache_clear()
             _libc.malloc_trim(0)
+            if start_threads:
+                self.start_threads()
         except BaseException:
             self.close()
             raise
+
+    def start_threads(self) -> None:
+        """Start the collectors' background threads (idempotent)."""
+        if self._memcg:
+            self._memcg.zerocopy.start()
 
     def probe_status(self) -> list[probes.ProbeStatus]:
         return [s for lo in self.loaded for s in lo.status()] + self.failed
@@ -168,6 +183,9 @@ class Session:
         for lo in self.loaded:
             lo.close()
         self.loaded = []
+        if self.broker:
+            self.broker.close()
+            self.broker = None
 
     def __enter__(self) -> Session:
         return self
@@ -178,15 +196,37 @@ class Session:
 
 def open_session(args: argparse.Namespace) -> Session:
     """Attach everything per the common CLI options, then drop the capabilities reading no
-    longer needs (unless --keep-caps)."""
-    session = Session(btf_path=args.btf_path, netmem_sample=args.netmem_sample,
-                      netmem_stack=args.netmem_stack)
-    if not args.keep_caps:
+    longer needs (unless --keep-caps).
+
+    Order matters: the netns broker (netns_broker.py, a process that keeps CAP_SYS_ADMIN
+    only, to create iterators and netlink sockets in other network namespaces) is started
+    while there is CAP_SYS_ADMIN to give it; then everything is attached and the
+    capabilities dropped; only then are the collectors' threads started, as capabilities
+    belong to threads and a thread inherits those of the thread that creates it."""
+    drop = not args.keep_caps
+    broker = None
+    if drop and caps.has_effective(caps.CAP_SYS_ADMIN):
+        try:
+            broker = netns_broker.start()
+        except OSError as exc:  # e.g. an exec that does not keep root's capabilities
+            print(f"netmemtrace: netns broker not started ({exc}): sockets in other network "
+                  "namespaces will not be attributed (--keep-caps keeps CAP_SYS_ADMIN)",
+                  file=sys.stderr)
+    try:
+        session = Session(btf_path=args.btf_path, netmem_sample=args.netmem_sample,
+                          netmem_stack=args.netmem_stack, start_threads=not drop)
+    except BaseException:
+        if broker:
+            broker.close()
+        raise
+    session.broker = broker
+    if drop:
         resolve.provider_addresses()  # /proc/kallsyms addresses need CAP_SYSLOG: read now
         try:
             caps.drop_after_attach()
-        except OSError as exc:
+        except (OSError, caps.CapsError) as exc:
             session.close()
             raise probes.SetupError(f"cannot drop capabilities after attach: {exc} "
                                     "(use --keep-caps)") from exc
+        session.start_threads()
     return session

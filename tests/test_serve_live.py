@@ -33,9 +33,10 @@ from conftest import REPO, bpf_prog_ids
 from memcg_helpers import child_memcg
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from test_netns_broker import check_broker_process
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
 
-from netmemtrace import demo
+from netmemtrace import caps, demo
 from netmemtrace.collect.zerocopy import smaps_socket_rss
 from netmemtrace.probes import SetupError
 from netmemtrace.serve import BasicAuth, SnapshotCache, load_web_config, parse_listen
@@ -491,6 +492,33 @@ def test_signal_detaches_everything_and_exits_0(sig: int) -> None:
     assert not progs & bpf_prog_ids(), "BPF programs left loaded"
     assert not links & bpf_link_ids(), "BPF links left attached"
     assert "Traceback" not in err
+
+
+@pytest.mark.live
+def test_no_thread_keeps_capabilities_after_the_drop() -> None:
+    """Capabilities belong to threads: every thread of the daemon (main, HTTP, refresh, the
+    zerocopy ring buffer's, a connection's) holds exactly what caps.KEEP leaves; the netns
+    broker holds CAP_SYS_ADMIN alone and is reaped by the daemon on exit."""
+    served = Served("--interval", "0.5")
+    try:
+        assert http_get(f"{served.url}/metrics")[0] == 200
+        pid = served.proc.pid
+        tasks = caps.task_caps(pid)
+        assert len(tasks) >= 4, tasks  # main, http, refresh, netmemtrace-zc
+        keep = caps.mask_of(caps.KEEP)
+        for tid, sets in tasks.items():
+            assert sets == {"CapPrm": keep, "CapEff": keep, "CapBnd": keep,
+                            "NoNewPrivs": 1}, (tid, sets)
+        children = [int(child) for tid in tasks
+                    for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        assert len(children) == 1, children
+        check_broker_process(children[0])
+        rc, _ = served.stop(signal.SIGTERM)
+        err = served.proc.stderr.read()
+    finally:
+        served.close()
+    assert rc == 0 and "Traceback" not in err, err
+    assert not Path(f"/proc/{children[0]}").exists(), "broker not reaped by the daemon"
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ each read() while a zombie exists and never otherwise (the iterators are not on 
 - socket: TCP and UDP sockets whose receive / out-of-order / error / reader queues hold skbs
   with the pool's pages, with netns, addresses, state, owning process (socket inode ->
   /proc/PID/fd, like ss -p) and memory cgroup. The socket iterators only see the netns they
-  are opened in, so they are opened once in every network namespace (setns, this thread).
+  are opened in, so they are opened once in every network namespace (netns_broker.py: by
+  the broker once capabilities are dropped, else by setns in this thread).
 - cpu-deferred-free: freed skbs parked on a CPU's deferred-free list until that CPU's next
   RX softirq; self-healing.
 - pool-ring: pages already returned to the destroyed pool, freed at its next release retry
@@ -29,7 +30,6 @@ process-mapping holder is therefore derived from the ledger for page pools.
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -42,7 +42,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import abi, libbpf
+from .. import abi, libbpf, netns_broker
+from ..netns_broker import entered_netns  # noqa: F401 (tests enter the demo's netns)
 from ..snapshot import Holder, PoolSnapshot, Unavailable
 from . import cgroups, resolve
 from .zerocopy import comm_of
@@ -54,7 +55,6 @@ VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 PAGE_SHIFT = os.sysconf("SC_PAGE_SIZE").bit_length() - 1
 DEFAULT_MAX_SKBS = 4096        # per queue or list before a walk is reported partial
 MIN_SLAB_AGREEMENT = 8         # calibration pairs that must agree on virt_to_page's offset
-CLONE_NEWNET = 0x40000000
 ITERATORS = ("holders_tcp", "holders_udp", "holders_deferred", "holders_rings", "holders_cpus",
              "holders_slab", "holders_sysctl")
 
@@ -66,8 +66,6 @@ TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2
               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING",
               "NEW_SYN_RECV", "BOUND_INACTIVE")
 PROVIDER_KINDS = {"dmabuf": "devmem-tokens", "io_uring": "io_uring-zcrx"}
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ---- kernel addresses BTF does not give directly ----
@@ -169,12 +167,6 @@ class Calibration:
 
 # ---- network namespaces ----
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
-
-
 def network_namespaces() -> dict[int, str]:
     """inode -> a path that opens it, for every named netns and every process's netns."""
     found: dict[int, str] = {}
@@ -187,30 +179,6 @@ def network_namespaces() -> dict[int, str]:
         except OSError:
             continue  # process gone, or a dangling name
     return found
-
-
-@contextlib.contextmanager
-def entered_netns(path: str) -> Iterator[None]:
-    """Run the block with this thread in the network namespace at path, then return."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            try:
-                _setns(own)
-            except OSError as exc:
-                # Not an OSError: callers skipping namespaces that vanish must not go on
-                # running in the wrong one.
-                raise RuntimeError(f"could not return to our network namespace: {exc}") \
-                    from exc
-    finally:
-        os.close(own)
 
 
 # ---- socket owners ----
@@ -355,15 +323,21 @@ class HoldersCollector:
             self._rb = libbpf.RingBuffer(self._pages_map, self._on_ref)
         self._rb.consume()
 
-    def _socket_records(self, name: str) -> bytes:
-        """Run a socket iterator, draining the ring buffer after every socket that holds
-        zombie pages: a read of one record's size returns as soon as a socket printed its
-        record, which comes after its page references. The ring then only ever holds one
-        socket's references (bpf/holders.bpf.c sizes it so)."""
+    def _socket_records(self, name: str, netns: str) -> bytes:
+        """Run a socket iterator over the netns at path `netns`, draining the ring buffer
+        after every socket that holds zombie pages: a read of one record's size returns as
+        soon as a socket printed its record, which comes after its page references. The
+        ring then only ever holds one socket's references (bpf/holders.bpf.c sizes it so)."""
+        # libbpf.Link has no fd accessor; its iter_chunks creates the iterator in this
+        # thread's netns, hence the fd made by netns_broker here.
+        link_fd = libbpf._lib.bpf_link__fd(self._links[name].ptr)
+        size = ctypes.sizeof(self._t["holder_sock"])
         chunks = []
-        for chunk in self._links[name].iter_chunks(ctypes.sizeof(self._t["holder_sock"])):
-            chunks.append(chunk)
-            self._drain()
+        with os.fdopen(netns_broker.fd_in_netns(netns, netns_broker.BPF_ITER, link_fd),
+                       "rb", buffering=0) as f:
+            while chunk := f.read(size):
+                chunks.append(chunk)
+                self._drain()
         return b"".join(chunks)
 
     def _on_ref(self, raw: bytes) -> None:
@@ -459,13 +433,10 @@ class HoldersCollector:
         socks: dict[int, ctypes.Structure] = {}
         failed: list[str] = []
         visited = 0
-        own = os.stat("/proc/thread-self/ns/net").st_ino
-        for ino, path in network_namespaces().items():
+        for path in network_namespaces().values():
             try:
-                ctx = contextlib.nullcontext() if ino == own else entered_netns(path)
-                with ctx:
-                    raw = self._socket_records("holders_tcp") + \
-                        self._socket_records("holders_udp")
+                raw = self._socket_records("holders_tcp", path) + \
+                    self._socket_records("holders_udp", path)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ESRCH):  # not just gone meanwhile
                     failed.append(f"{path}: {exc.strerror or exc}")

@@ -4,18 +4,15 @@ provider kind (kallsyms)."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import threading
+import socket
 
-from .. import kallsyms
+from .. import kallsyms, netns_broker
 from . import netlink
 
-_CLONE_NEWNET = 0x40000000
 # Where `ip netns add` (iproute2, pyroute2) bind-mounts named network namespaces.
 NETNS_RUN_DIR = "/var/run/netns"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 # Memory provider ops symbols (net/core/devmem.c, io_uring/zcrx.c) and what they mean.
 PROVIDER_SYMBOLS = {"dmabuf_devmem_ops": "dmabuf", "io_uring_pp_zc_ops": "io_uring"}
@@ -51,40 +48,50 @@ def netns_label(ino: int, names: dict[int, str], own_ino: int) -> str | None:
 
 
 def link_names(ns_name: str | None) -> dict[int, str]:
-    """ifindex -> current netdev name inside a netns (None: ours).
+    """ifindex -> current netdev name inside a named netns (None: ours).
 
-    pyroute2's IPRoute(netns=...) forks a helper process, which inherits our signal
-    handlers, locks and BPF fds; a fork per refresh is also slow. Instead a short-lived
-    thread joins the netns (setns changes only the calling thread) and opens its netlink
-    socket there (a socket belongs to the netns it was created in).
+    A netlink socket belongs to the netns it was created in and dumps links without any
+    capability: the socket is made in that netns (netns_broker.fd_in_netns: by the broker
+    once capabilities are dropped, else by setns in this thread) and the dump runs here.
+    (pyroute2's IPRoute(netns=...) would fork a helper process per call instead.)
     """
     if ns_name is None:
         return _links_here()
-    result: list[dict[int, str] | BaseException] = []
-
-    def in_netns() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_RUN_DIR, ns_name), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({ns_name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(_links_here())
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
-
-    thread = threading.Thread(target=in_netns, name=f"netns-{ns_name}")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    fd = netns_broker.fd_in_netns(os.path.join(NETNS_RUN_DIR, ns_name), netns_broker.NETLINK,
+                                  netns_broker.NETLINK_ROUTE)
+    with socket.socket(fileno=fd) as sock:
+        return _links_on(sock)
 
 
 def _links_here() -> dict[int, str]:
     return netlink.link_names_here()
+
+
+def _links_on(sock: socket.socket) -> dict[int, str]:
+    """netlink.link_names_here() over a given rtnetlink socket (of another netns)."""
+    nl = netlink.nl
+    seq = 1  # the socket is ours alone
+    req = netlink.link_msg()
+    req["family"] = socket.AF_UNSPEC
+    req["header"]["type"] = netlink.RTM_GETLINK
+    req["header"]["flags"] = nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_DUMP
+    req["header"]["sequence_number"] = seq
+    req.encode()
+    marshal = netlink.Marshal()
+    marshal.msg_map = {netlink.RTM_NEWLINK: netlink.link_msg}
+    sock.bind((0, 0))
+    sock.sendto(req.data, (0, 0))
+    names: dict[int, str] = {}
+    while True:
+        for reply in marshal.parse(sock.recv(1 << 16)):
+            header = reply["header"]
+            if header["sequence_number"] != seq:
+                continue
+            if header.get("error") is not None:
+                raise header["error"]
+            if header["type"] in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
+                return names
+            names[reply["index"]] = reply.get_attr("IFLA_IFNAME")
 
 
 @functools.cache

@@ -2,9 +2,9 @@
 per-CPU map, and the zc_events ring buffer feeding the mapping ledger (unaccounted rx
 bytes) and the tx tracker (MSG_ZEROCOPY bytes in flight).
 
-The ring buffer is drained by a thread this reader owns (started in __init__, stopped in
-close()); read() drains what is left under the same lock, so a snapshot includes every
-event submitted before it started.
+The ring buffer is drained by a thread this reader owns (started by start() or the first
+read(), after the capability drop; stopped in close()); read() drains what is left under the
+same lock, so a snapshot includes every event submitted before it started.
 """
 
 from __future__ import annotations
@@ -142,8 +142,17 @@ class ZerocopyReader:
         self._lock = threading.Lock()
         self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="netmemtrace-zc", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the draining thread (idempotent; read() does it too). Not in __init__: a
+        thread keeps the capabilities of the thread that created it, and the session is
+        built before the capability drop (caps.py)."""
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="netmemtrace-zc",
+                                                daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         # Wait for samples outside the lock, consume under it: read() never waits on a
@@ -208,6 +217,7 @@ class ZerocopyReader:
 
     def read(self) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:
         """(per-process figures, exited counters per memcg, ledger hwm per memcg)."""
+        self.start()
         with self._lock:
             self._rb.poll(0)
             counters = self._read_counters()
@@ -226,8 +236,9 @@ class ZerocopyReader:
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
+        with self._lock:
+            self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join()
         self._rb.close()
 
