@@ -229,11 +229,17 @@ def run(rounds: int = 3) -> dict[str, object]:
             groups.setdefault(p.contestant, []).append(key)
             if p.contestant == "netmemtrace":  # and per object: "netmemtrace pagepool"
                 groups.setdefault(f"netmemtrace {p.name.partition(':')[0]}", []).append(key)
+    # Every netmemtrace program, packet path or not (syscalls, memcg: the workload's own and
+    # the rest of the machine's), per GiB received: an upper bound on what the traffic pays.
+    everything = [k for k, p in programs.items() if p.contestant == "netmemtrace"]
     per_gib = {
         name: _median([sum(d.get(k, (0, 0))[0] for k in keys) / n * 2**30 / 1e6
                        for d, n in zip(per_round, received, strict=True)])
         for name, keys in sorted(groups.items())}
+    all_ms_per_gib = _median([sum(d.get(k, (0, 0))[0] for k in everything) / n * 2**30 / 1e6
+                              for d, n in zip(per_round, received, strict=True)])
     return {"rounds": rounds, "rows": rows, "notes": notes,
+            "all_programs_ms_per_gib": all_ms_per_gib,
             "contestants": [name for name, _ in openers],
             "received_bytes_per_round": received,
             "packet_path_tracepoints": sorted(PACKET_PATH),

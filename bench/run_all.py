@@ -3,7 +3,9 @@
 1. per-event BPF run time of every netmemtrace program beside the empty-program floor and
    bpftrace (bpf_cost.py); 2. TCP goodput over veth + XDP without the tool, with it and with
    bpftrace (throughput.py); 3. the daemon's start-up, CPU, memory and /metrics render time
-   (daemon.py). Prints one table and writes everything to bench/results/ as JSON.
+   (daemon.py); 4. one syscall's wall time with bpf_stats off, without and with the tool
+   (syscall_cost.py: what tracing syscalls costs every process, which bpf_stats cannot see).
+   Prints one table and writes everything to bench/results/ as JSON.
 
 Needs root, like the tool. Takes about five minutes on 2 cores. Reports figures and how
 they compare with the targets in bench/README.md; it never fails on a missed target.
@@ -23,6 +25,7 @@ from collections.abc import Callable
 
 import bpf_cost
 import daemon
+import syscall_cost
 import throughput
 from common import RESULTS, BenchError
 
@@ -36,6 +39,7 @@ TARGETS = {
     "per-event cost vs floor": (1.5, True),
     "per-event cost vs bpftrace": (0.5, True),
     "throughput with tool vs without": (0.99, False),
+    "throughput with tool vs without, from CPU cost": (0.99, False),
     "first snapshot (s)": (1.0, True),
     "CPU at 1 s refresh (% of one core)": (2.0, True),
     "scrape latency, cached body (ms)": (50.0, True),
@@ -87,7 +91,8 @@ def bpf_section(res: dict) -> str:
             "rounds, attach order rotated; x = ratio to the raw_tp floor / bpftrace)\n"
             + table(head, rows)
             + f"\nBPF run time on the packet path ({', '.join(res['packet_path_tracepoints'])})"
-            f" per GiB received, ms: {gib}{notes}")
+            f" per GiB received, ms: {gib}; every netmemtrace program on every tracepoint: "
+            f"{_fmt(res.get('all_programs_ms_per_gib'))}{notes}")
 
 
 def throughput_section(res: dict) -> str:
@@ -102,7 +107,21 @@ def throughput_section(res: dict) -> str:
             f"interleaved; tool = {res['tool']} "
             f"(its CPU during traffic: {_fmt(res['tool_cpu_pct_during_traffic'])}% of a core)\n"
             + table(("CONFIG", "MEDIAN Gb/s", "RATIO", "RANGE", "PER ROUND Gb/s"), rows)
+            + f"\nCPU per GiB received: the machine, bare {_fmt(res.get('bare_cpu_s_per_gib'), 2)}"
+            f" s; the tool's process {_fmt(res.get('tool_cpu_s_per_gib'), 3)} s"
             + "".join(f"\nnote: {n}" for n in res["notes"]))
+
+
+def syscall_section(res: dict) -> str:
+    rows = [(cfg, *(f"{res['median_ns'][cfg][s]:.1f}" for s in ("getppid", "getsockopt")),
+             *("-" if cfg == "without" else f"{res['added_ns'][cfg][s]:+.1f}"
+               for s in ("getppid", "getsockopt")))
+            for cfg in res["median_ns"]]
+    return (f"4. One syscall's wall time, bpf_stats off (bench/sysloop.c, best of 5 loops of "
+            f"{res['calls_per_loop']} calls; median of {res['rounds']} interleaved rounds). "
+            "getppid: watched by nothing; getsockopt: watched by zerocopy\n"
+            + table(("CONFIG", "getppid NS", "getsockopt NS", "getppid ADDED", "getsockopt ADDED"),
+                    rows))
 
 
 def daemon_section(res: dict) -> str:
@@ -147,6 +166,20 @@ def daemon_section(res: dict) -> str:
     return "\n".join(out)
 
 
+def implied_throughput(results: dict) -> float | None:
+    """Goodput ratio a CPU-bound path would see: the machine's busy CPU per GiB received
+    without the tool, against that plus every netmemtrace BPF program's run time per GiB
+    (part 1; counting bpf_stats' own clock reads, so an upper bound on the cost) and the
+    tool process's CPU per GiB (part 2). Unlike part 2's ratio, this is not drowned by the
+    run-to-run noise of iperf3 on a shared VM."""
+    bpf_ms = results.get("bpf_cost", {}).get("all_programs_ms_per_gib")
+    tp = results.get("throughput", {})
+    bare, tool = tp.get("bare_cpu_s_per_gib"), tp.get("tool_cpu_s_per_gib")
+    if bpf_ms is None or not bare or tool is None:
+        return None
+    return bare / (bare + bpf_ms / 1000 + tool)
+
+
 def targets(results: dict) -> list[tuple[str, str, float | None]]:
     """(target, what was measured, value) for every target the run could measure."""
     out: list[tuple[str, str, float | None]] = []
@@ -166,6 +199,11 @@ def targets(results: dict) -> list[tuple[str, str, float | None]]:
         lo, hi = tp["ratio_range"]["without (A/A)"]
         out.append(("throughput with tool vs without",
                     f"{tp['tool']}; A/A noise {lo:.3f}..{hi:.3f}", tp["ratio"]["netmemtrace"]))
+    implied = implied_throughput(results)
+    if implied is not None:
+        out.append(("throughput with tool vs without, from CPU cost",
+                    "part 1's BPF time + the tool's CPU, per GiB, against the bare run's",
+                    implied))
     dm = results.get("daemon", {})
     if "median" in dm.get("first_snapshot", {}):
         out.append(("first snapshot (s)", "Session() + read()",
@@ -199,6 +237,7 @@ PARTS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[dict], st
     "bpf_cost": (lambda a: bpf_cost.run(a.bpf_rounds), bpf_section),
     "throughput": (lambda a: throughput.run(a.throughput_rounds), throughput_section),
     "daemon": (lambda a: daemon.run(), daemon_section),
+    "syscalls": (lambda a: syscall_cost.run(a.syscall_rounds), syscall_section),
 }
 
 
@@ -208,6 +247,7 @@ def main() -> int:
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     p.add_argument("--bpf-rounds", type=int, default=3)
     p.add_argument("--throughput-rounds", type=int, default=5)
+    p.add_argument("--syscall-rounds", type=int, default=3)
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (BPF, network namespaces)", file=sys.stderr)
