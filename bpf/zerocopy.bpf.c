@@ -13,8 +13,12 @@
  * after), and SO_EE_ORIGIN_ZEROCOPY completions read from recvmsg(MSG_ERRQUEUE) control
  * data, so userspace knows the bytes still pinned (in flight).
  *
- * Syscalls are dispatched from the raw sys_enter/sys_exit tracepoints: one program pair
- * instead of one per syscall, filtered on the syscall number first.
+ * Syscalls come from the per-syscall tracepoints (syscalls:sys_enter_getsockopt, ...), one
+ * program pair per watched syscall. The raw sys_enter/sys_exit pair (filtered on the
+ * syscall number first) is the fallback where those events do not exist: it runs on every
+ * syscall of the machine, and measured +118 ns on each (a getppid() loop, bpf_stats off),
+ * where the per-syscall events cost the other syscalls only the kernel's own bitmap test.
+ * Userspace loads one family or the other, never both.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -659,6 +663,53 @@ int sys_exit__tracepoint(struct trace_event_raw_sys_exit *ctx)
 {
 	return on_exit(ctx->id, ctx->ret);
 }
+
+/* ---- syscalls:sys_{enter,exit}_NAME: one hook pair per watched syscall ---- */
+/*
+ * The per-syscall record has the raw one's layout (args at the same offset) but only the
+ * syscall's own arguments: the kernel refuses to attach a program that reads past them.
+ */
+static __always_inline int enter_record(__u64 nr, int nargs, struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 a[6] = {};
+
+	if (nargs > 0)
+		a[0] = ctx->args[0];
+	if (nargs > 1)
+		a[1] = ctx->args[1];
+	if (nargs > 2)
+		a[2] = ctx->args[2];
+	if (nargs > 3)
+		a[3] = ctx->args[3];
+	if (nargs > 4)
+		a[4] = ctx->args[4];
+	if (nargs > 5)
+		a[5] = ctx->args[5];
+	return on_enter(nr, a);
+}
+
+#define SYSCALL_HOOKS(name, nargs)						\
+SEC("tracepoint/syscalls/sys_enter_" #name)					\
+int sys_enter_##name##__tracepoint(struct trace_event_raw_sys_enter *ctx)	\
+{										\
+	return enter_record(NR_##name, nargs, ctx);				\
+}										\
+										\
+SEC("tracepoint/syscalls/sys_exit_" #name)					\
+int sys_exit_##name##__tracepoint(struct trace_event_raw_sys_exit *ctx)		\
+{										\
+	return on_exit(NR_##name, ctx->ret);					\
+}
+
+SYSCALL_HOOKS(getsockopt, 5)
+SYSCALL_HOOKS(sendmsg, 3)
+SYSCALL_HOOKS(sendto, 6)
+SYSCALL_HOOKS(sendmmsg, 4)
+SYSCALL_HOOKS(recvmsg, 3)
+SYSCALL_HOOKS(mmap, 6)
+SYSCALL_HOOKS(munmap, 2)
+SYSCALL_HOOKS(madvise, 3)
+SYSCALL_HOOKS(mremap, 5)
 
 /* ---- sched_process_exit: every thread; the process is gone with its last ---- */
 SEC("tp_btf/sched_process_exit")

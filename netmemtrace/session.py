@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from . import abi, caps, kallsyms, libbpf, netns_broker, probes
-from .collect import netlink, resolve
+from .collect import netlink, resolve, zerocopy
 from .collect.holders import HoldersCollector, ScanReport
 from .collect.memcg import MemcgCollector
 from .collect.netmem import (
@@ -72,9 +72,11 @@ class Session:
                 resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
             for name in OBJECTS:
                 try:
-                    self.loaded.append(probes.load_object(
-                        name, str(abi.object_path(name)), btf_path=btf_path,
-                        disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
+                    self.loaded.append(
+                        zerocopy.load_object(btf_path) if name == "zerocopy" else
+                        probes.load_object(
+                            name, str(abi.object_path(name)), btf_path=btf_path,
+                            disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
                 except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
                     self.failed.append(probes.ProbeStatus(
                         name, "(object)", None, False, f"object not loaded: {exc}"))

@@ -22,6 +22,7 @@ from conftest import REPO
 from memcg_helpers import child_memcg
 
 from netmemtrace import abi, probes
+from netmemtrace.collect import zerocopy
 from netmemtrace.collect.memcg import filter_snapshot
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
@@ -222,7 +223,7 @@ def test_spinning_reader_killed_mid_call(session, workload, netns) -> None:
 
 
 def test_ledger_overflow_is_counted(workload, netns) -> None:
-    lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")))
+    lo = zerocopy.load_object()
     reader = ZerocopyReader(lo.obj, max_ranges=4)
     try:
         with child_memcg("overflow") as (d, _):
@@ -251,18 +252,29 @@ def pending_threads(obj) -> int:
     return int.from_bytes(raw[:8], sys.byteorder)
 
 
-@pytest.mark.parametrize("mechanism", ["tp_btf", "raw_tp", "tracepoint"])
+@pytest.mark.parametrize("mechanism", ["syscalls", "tp_btf", "raw_tp", "tracepoint"])
 def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism) -> None:
-    """Each sys_enter/sys_exit variant gets the syscall number and arguments its own way
-    (tp_btf: loads through the typed pt_regs; raw_tp: probe reads; tracepoint: the record),
-    and each must count, map and unmap alike. Afterwards no thread may be left counted as
-    in a call, a killed one included: that count lets every other exit skip the lookup."""
-    lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=mechanism)
+    """The per-syscall tracepoints (the default: "syscalls") and each variant of the raw
+    sys_enter/sys_exit fallback get the syscall number and arguments their own way (tp_btf:
+    loads through the typed pt_regs; raw_tp: probe reads; tracepoint: the record), and each
+    must count, map and unmap alike. Afterwards no thread may be left counted as in a call,
+    a killed one included: that count lets every other exit skip the lookup."""
+    if mechanism == "syscalls":
+        lo = zerocopy.load_object()
+        hooks, mech = zerocopy.PER_SYSCALL_HOOKS, "tracepoint"
+    else:
+        lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=mechanism,
+                                disabled={h: "test" for h in zerocopy.PER_SYSCALL_HOOKS})
+        hooks, mech = zerocopy.RAW_SYSCALL_HOOKS, mechanism
     reader = ZerocopyReader(lo.obj)
     try:
         rows = {r.hook: r for r in lo.status()}
-        for hook in ("sys_enter", "sys_exit"):
-            assert rows[hook].attached and rows[hook].mechanism == mechanism, rows[hook]
+        for hook in hooks:
+            assert rows[hook].attached and rows[hook].mechanism == mech, rows[hook]
+        # One family only, or every call would count twice.
+        other = zerocopy.RAW_SYSCALL_HOOKS if mechanism == "syscalls" \
+            else zerocopy.PER_SYSCALL_HOOKS
+        assert not any(rows[h].attached for h in other)
         with child_memcg(f"mech-{mechanism}") as (d, _):
             w = Workload(workload, netns, d, str(STREAM), "hold", "errors")
             try:
