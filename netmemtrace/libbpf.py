@@ -430,6 +430,10 @@ class Link:
         self.ptr = ptr
         self.program = program
 
+    @property
+    def fd(self) -> int:
+        return _lib.bpf_link__fd(self.ptr)
+
     def destroy(self) -> None:
         if self.ptr:
             _lib.bpf_link__destroy(self.ptr)
@@ -444,7 +448,7 @@ class Link:
         returns. The kernel stops visiting objects once `size` bytes are printed, so with
         the size of one record the caller regains control after every object that printed
         one (and may drain what the program sent elsewhere meanwhile)."""
-        fd = _lib.bpf_iter_create(_lib.bpf_link__fd(self.ptr))
+        fd = _lib.bpf_iter_create(self.fd)
         if fd < 0:
             raise LibbpfError(f"iterator {self.program.name}", ctypes.get_errno())
         with os.fdopen(fd, "rb", buffering=0) as f:

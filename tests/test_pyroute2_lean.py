@@ -60,7 +60,7 @@ def test_pyroute2_whole_for_other_code_in_the_process() -> None:
     got = run_python("""
         import json, sys
         from netmemtrace.collect import netlink
-        lean = netlink.link_names_here()
+        lean = netlink.link_names()
         import pyroute2
         from pyroute2 import IPRoute, config
         with IPRoute() as ipr:
@@ -82,7 +82,7 @@ def test_pyroute2_imported_first_is_used_as_is() -> None:
         package = sys.modules["pyroute2"]
         from netmemtrace.collect import netlink
         print(json.dumps([sys.modules["pyroute2"] is package, type(package).__name__,
-                          bool(netlink.link_names_here())]))
+                          bool(netlink.link_names())]))
     """)
     assert got == [True, "module", True]
 
@@ -95,7 +95,7 @@ def test_falls_back_to_the_plain_import() -> None:
             raise RuntimeError("no module objects today")
         importlib.util.module_from_spec = refuse
         from netmemtrace.collect import netlink
-        print(json.dumps(["pyroute2.ndb" in sys.modules, bool(netlink.link_names_here())]))
+        print(json.dumps(["pyroute2.ndb" in sys.modules, bool(netlink.link_names())]))
     """)
     assert got == [True, True]
 

@@ -330,7 +330,7 @@ class HoldersCollector:
         ring then only ever holds one socket's references (bpf/holders.bpf.c sizes it so)."""
         # libbpf.Link has no fd accessor; its iter_chunks creates the iterator in this
         # thread's netns, hence the fd made by netns_broker here.
-        link_fd = libbpf._lib.bpf_link__fd(self._links[name].ptr)
+        link_fd = self._links[name].fd
         size = ctypes.sizeof(self._t["holder_sock"])
         chunks = []
         with os.fdopen(netns_broker.fd_in_netns(netns, netns_broker.BPF_ITER, link_fd),

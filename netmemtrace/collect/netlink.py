@@ -66,10 +66,11 @@ class link_msg(nl.nlmsg):  # noqa: N801
 
 
 def request(protocol: int, msg: nl.nlmsg, msg_type: int, flags: int,
-            replies: dict[int, type]) -> list[nl.nlmsg]:
+            replies: dict[int, type], sock: socket.socket | None = None) -> list[nl.nlmsg]:
     """Send one request to the kernel and return its replies (a dump's messages, or the
     answer to a plain request), decoded with the classes in `replies` by message type.
-    A netlink error is raised (pyroute2's NetlinkError, with the errno)."""
+    sock: a netlink socket of `protocol` to use (one made in another netns), else a new one
+    in ours. A netlink error is raised (pyroute2's NetlinkError, with the errno)."""
     seq = next(_seq)
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = flags | nl.NLM_F_REQUEST | nl.NLM_F_ACK
@@ -78,12 +79,12 @@ def request(protocol: int, msg: nl.nlmsg, msg_type: int, flags: int,
     marshal = Marshal()
     marshal.msg_map = dict(replies)
     out: list[nl.nlmsg] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       protocol) as sock:
-        sock.bind((0, 0))
-        sock.sendto(msg.data, (0, 0))
+    with sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                               protocol) as s:
+        s.bind((0, 0))
+        s.sendto(msg.data, (0, 0))
         while True:
-            for reply in marshal.parse(sock.recv(_RECV_BYTES)):
+            for reply in marshal.parse(s.recv(_RECV_BYTES)):
                 header = reply["header"]
                 if header["sequence_number"] != seq:
                     continue
@@ -131,10 +132,11 @@ def dump_page_pools() -> dict[int, KernelPoolView]:
     return dict(parse_page_pool(m) for m in replies)
 
 
-def link_names_here() -> dict[int, str]:
-    """ifindex -> netdev name of every link in the calling thread's netns."""
+def link_names(sock: socket.socket | None = None) -> dict[int, str]:
+    """ifindex -> netdev name of every link in the calling thread's netns, or in the netns
+    of `sock` (an rtnetlink socket; closed after use)."""
     req = link_msg()
     req["family"] = socket.AF_UNSPEC
     replies = request(nl.NETLINK_ROUTE, req, RTM_GETLINK, nl.NLM_F_DUMP,
-                      {RTM_NEWLINK: link_msg})
+                      {RTM_NEWLINK: link_msg}, sock)
     return {m["index"]: m.get_attr("IFLA_IFNAME") for m in replies}

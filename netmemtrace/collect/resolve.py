@@ -56,42 +56,10 @@ def link_names(ns_name: str | None) -> dict[int, str]:
     (pyroute2's IPRoute(netns=...) would fork a helper process per call instead.)
     """
     if ns_name is None:
-        return _links_here()
+        return netlink.link_names()
     fd = netns_broker.fd_in_netns(os.path.join(NETNS_RUN_DIR, ns_name), netns_broker.NETLINK,
                                   netns_broker.NETLINK_ROUTE)
-    with socket.socket(fileno=fd) as sock:
-        return _links_on(sock)
-
-
-def _links_here() -> dict[int, str]:
-    return netlink.link_names_here()
-
-
-def _links_on(sock: socket.socket) -> dict[int, str]:
-    """netlink.link_names_here() over a given rtnetlink socket (of another netns)."""
-    nl = netlink.nl
-    seq = 1  # the socket is ours alone
-    req = netlink.link_msg()
-    req["family"] = socket.AF_UNSPEC
-    req["header"]["type"] = netlink.RTM_GETLINK
-    req["header"]["flags"] = nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_DUMP
-    req["header"]["sequence_number"] = seq
-    req.encode()
-    marshal = netlink.Marshal()
-    marshal.msg_map = {netlink.RTM_NEWLINK: netlink.link_msg}
-    sock.bind((0, 0))
-    sock.sendto(req.data, (0, 0))
-    names: dict[int, str] = {}
-    while True:
-        for reply in marshal.parse(sock.recv(1 << 16)):
-            header = reply["header"]
-            if header["sequence_number"] != seq:
-                continue
-            if header.get("error") is not None:
-                raise header["error"]
-            if header["type"] in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
-                return names
-            names[reply["index"]] = reply.get_attr("IFLA_IFNAME")
+    return netlink.link_names(socket.socket(fileno=fd))
 
 
 @functools.cache
