@@ -191,9 +191,13 @@ def run(rounds: int = 3) -> dict[str, object]:
         key = by_tp.get((contestant, tp))
         return cost(key) if key else [None] * rounds
 
-    def row(tp: str, program: str, mech: str, n: int, mine: list[float | None]
-            ) -> dict[str, object]:
-        floor, bt = reference("floor/raw_tp", tp), reference("bpftrace", tp)
+    def row(tp: str, program: str, mech: str, n: int, mine: list[float | None],
+            programs_run: int = 1) -> dict[str, object]:
+        """programs_run: how many programs `mine` sums, each paying a program's invocation;
+        its floor is as many empty programs."""
+        floor = [f * programs_run if f is not None else None
+                 for f in reference("floor/raw_tp", tp)]
+        bt = reference("bpftrace", tp)
         return {
             "tracepoint": tp, "program": program, "mechanism": mech, "events": n,
             "ns_per_event": _median(mine),
@@ -214,8 +218,8 @@ def run(rounds: int = 3) -> dict[str, object]:
             # Several programs on one tracepoint: each event pays for all of them.
             totals = [None if None in per_prog else sum(per_prog)
                       for per_prog in zip(*(cost(k) for k in keys), strict=True)]
-            rows.append(row(tp, "= all netmemtrace programs", "", max(map(events, keys)),
-                            totals))
+            rows.append(row(tp, f"= all {len(keys)} netmemtrace programs (floor: {len(keys)} "
+                            "empty ones)", "", max(map(events, keys)), totals, len(keys)))
     denser = sorted((k for k, p in programs.items()
                      if p.contestant == DENSER and p.tracepoint.startswith("page_pool_state")),
                     key=lambda k: programs[k].tracepoint)

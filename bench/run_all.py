@@ -113,14 +113,15 @@ def throughput_section(res: dict) -> str:
 
 
 def syscall_section(res: dict) -> str:
-    rows = [(cfg, *(f"{res['median_ns'][cfg][s]:.1f}" for s in ("getppid", "getsockopt")),
-             *("-" if cfg == "without" else f"{res['added_ns'][cfg][s]:+.1f}"
-               for s in ("getppid", "getsockopt")))
+    calls = list(next(iter(res["median_ns"].values())))
+    rows = [(cfg, *(f"{res['median_ns'][cfg][c]:.1f}" for c in calls),
+             *("-" if cfg == "without" else f"{res['added_ns'][cfg][c]:+.1f}" for c in calls))
             for cfg in res["median_ns"]]
     return (f"4. One syscall's wall time, bpf_stats off (bench/sysloop.c, best of 5 loops of "
             f"{res['calls_per_loop']} calls; median of {res['rounds']} interleaved rounds). "
-            "getppid: watched by nothing; getsockopt: watched by zerocopy\n"
-            + table(("CONFIG", "getppid NS", "getsockopt NS", "getppid ADDED", "getsockopt ADDED"),
+            "getppid: watched by nothing; sendto: watched, no MSG_ZEROCOPY; getsockopt: "
+            "TCP_ZEROCOPY_RECEIVE, followed to its exit\n"
+            + table(("CONFIG", *(f"{c} NS" for c in calls), *(f"{c} ADDED" for c in calls)),
                     rows))
 
 

@@ -2,10 +2,11 @@
 
 bpf_stats times only the inside of a BPF program. Tracing syscalls also switches every thread
 of the machine to the kernel's syscall tracing slow path, and a per-syscall tracepoint builds
-its record before the program runs; neither shows in part 1. bench/sysloop.c times a loop of
-getppid() (nothing watches it) and of getsockopt(-1, TCP_ZEROCOPY_RECEIVE) (zerocopy watches
-getsockopt), without the tool and with `netmemtrace serve`, interleaved; the bare loop run
-twice (A/A) gives the noise. Nothing else may trace syscalls meanwhile.
+its record before the program runs; neither shows in part 1. bench/sysloop.c times loops of
+getppid() (nothing watches it), sendto() without MSG_ZEROCOPY (watched, let go at once) and
+getsockopt(TCP_ZEROCOPY_RECEIVE) (followed to its exit), without the tool and with
+`netmemtrace serve`, interleaved; the bare loop run twice (A/A) gives the noise. Nothing else
+may trace syscalls meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 import common
 from common import BENCH, BUILD, Tool, serve_available
 
-SYSCALLS = ("getppid", "getsockopt")
+SYSCALLS = ("getppid", "sendto", "getsockopt")
 CALLS = 1_000_000
 
 
