@@ -41,16 +41,19 @@ def first_snapshot() -> dict[str, object]:
     runs = []
     for _ in range(STARTS):
         start = time.monotonic()
-        out = subprocess.run([sys.executable, str(BENCH / "reader.py"), "--once"],
-                             capture_output=True, text=True, timeout=120)
-        wall = time.monotonic() - start
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ready")), None)
-        if line is None:
-            raise BenchError(f"reader.py --once failed: {out.stderr.strip()[-300:]}")
+        proc = subprocess.Popen([sys.executable, str(BENCH / "reader.py"), "--once"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        ready = time.monotonic() - start
+        _, err = proc.communicate(timeout=120)
+        exited = time.monotonic() - start
+        if not line.startswith("ready"):
+            raise BenchError(f"reader.py --once failed: {err.strip()[-300:]}")
         imp, sess, read = map(float, line.split()[1:])
         runs.append({"import_s": imp, "session_s": sess, "first_read_s": read,
-                     "session_plus_read_s": sess + read, "exec_to_ready_s": wall,
-                     "top_first_frame_s": top_first_frame()})
+                     "session_plus_read_s": sess + read, "exec_to_ready_s": ready,
+                     "ready_to_exit_s": exited - ready, "top_first_frame_s": top_first_frame()})
     return {"runs": runs,
             "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
 

@@ -11,6 +11,7 @@ attaches them, reads maps, polls ring buffers and runs BPF_PROG_TEST_RUN.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import errno
@@ -502,8 +503,18 @@ class Object:
         return link
 
     def close(self) -> None:
+        # Detaching a classic tracepoint's perf event waits for an RCU grace period; the
+        # syscall events (which may fault) wait for several: 60 to 80 ms each on 6.18, over a
+        # second for an object's twenty. Waits of links destroyed side by side overlap (the
+        # ctypes call drops the GIL), so they are.
+        if len(self.links) > 1:
+            try:
+                with concurrent.futures.ThreadPoolExecutor(len(self.links)) as pool:
+                    list(pool.map(Link.destroy, self.links))
+            except RuntimeError:
+                pass  # the interpreter is shutting down and starts no thread: one by one
         for link in self.links:
-            link.destroy()
+            link.destroy()  # what is left; a no-op for those destroyed above
         self.links.clear()
         if self._obj:
             _lib.bpf_object__close(self._obj)
