@@ -302,3 +302,27 @@ def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism
     finally:
         reader.close()
         lo.close()
+
+
+def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch) -> None:
+    """A kernel without one of the syscalls:* events (CONFIG_FTRACE_SYSCALLS off, or the event
+    refused): the object falls back to the raw sys_enter/sys_exit pair as a whole, and the
+    probes table says why; never half of each family."""
+    real = probes.static_check
+
+    def no_mmap_events(cand, btf_path):
+        if cand.tracepoint.endswith("_mmap"):
+            return f"tracepoint {cand.tracepoint} not in this kernel"
+        return real(cand, btf_path)
+
+    monkeypatch.setattr(probes, "static_check", no_mmap_events)
+    lo = zerocopy.load_object()
+    try:
+        rows = {r.hook: r for r in lo.status()}
+        assert all(rows[h].attached for h in zerocopy.RAW_SYSCALL_HOOKS)
+        for h in zerocopy.PER_SYSCALL_HOOKS:
+            assert not rows[h].attached
+            assert "sys_enter_mmap cannot attach" in rows[h].reason
+            assert "raw_syscalls serve instead" in rows[h].reason
+    finally:
+        lo.close()
