@@ -595,6 +595,31 @@ static __always_inline int on_fork(const struct task_struct *child)
 	return 0;
 }
 
+/*
+ * Arguments from a classic tracepoint's record: raw_syscalls:sys_enter carries six, a
+ * per-syscall event (same layout, args at the same offset) only the syscall's own, and the
+ * kernel refuses to attach a program that reads past them. One load per field: the
+ * verifier refuses ctx access through a moved pointer.
+ */
+static __always_inline int enter_record(__u64 nr, int nargs, struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 a[6] = {};
+
+	if (nargs > 0)
+		a[0] = ctx->args[0];
+	if (nargs > 1)
+		a[1] = ctx->args[1];
+	if (nargs > 2)
+		a[2] = ctx->args[2];
+	if (nargs > 3)
+		a[3] = ctx->args[3];
+	if (nargs > 4)
+		a[4] = ctx->args[4];
+	if (nargs > 5)
+		a[5] = ctx->args[5];
+	return on_enter(nr, a);
+}
+
 /* ---- sys_enter: raw tracepoint args are (struct pt_regs *regs, long id) ---- */
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter__tp_btf, struct pt_regs *regs, long id)
@@ -631,18 +656,9 @@ int BPF_PROG(sys_enter__raw_tp, struct pt_regs *regs, long id)
 SEC("tracepoint/raw_syscalls/sys_enter")
 int sys_enter__tracepoint(struct trace_event_raw_sys_enter *ctx)
 {
-	__u64 a[6];
-
 	if (!watched(ctx->id))
 		return 0;
-	/* One load per field: the verifier refuses ctx access through a moved pointer. */
-	a[0] = ctx->args[0];
-	a[1] = ctx->args[1];
-	a[2] = ctx->args[2];
-	a[3] = ctx->args[3];
-	a[4] = ctx->args[4];
-	a[5] = ctx->args[5];
-	return on_enter(ctx->id, a);
+	return enter_record(ctx->id, 6, ctx);
 }
 
 /* ---- sys_exit: (struct pt_regs *regs, long ret); the number is in regs ---- */
@@ -665,29 +681,6 @@ int sys_exit__tracepoint(struct trace_event_raw_sys_exit *ctx)
 }
 
 /* ---- syscalls:sys_{enter,exit}_NAME: one hook pair per watched syscall ---- */
-/*
- * The per-syscall record has the raw one's layout (args at the same offset) but only the
- * syscall's own arguments: the kernel refuses to attach a program that reads past them.
- */
-static __always_inline int enter_record(__u64 nr, int nargs, struct trace_event_raw_sys_enter *ctx)
-{
-	__u64 a[6] = {};
-
-	if (nargs > 0)
-		a[0] = ctx->args[0];
-	if (nargs > 1)
-		a[1] = ctx->args[1];
-	if (nargs > 2)
-		a[2] = ctx->args[2];
-	if (nargs > 3)
-		a[3] = ctx->args[3];
-	if (nargs > 4)
-		a[4] = ctx->args[4];
-	if (nargs > 5)
-		a[5] = ctx->args[5];
-	return on_enter(nr, a);
-}
-
 #define SYSCALL_HOOKS(name, nargs)						\
 SEC("tracepoint/syscalls/sys_enter_" #name)					\
 int sys_enter_##name##__tracepoint(struct trace_event_raw_sys_enter *ctx)	\
