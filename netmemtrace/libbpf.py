@@ -293,16 +293,6 @@ class Map:
         return [(k, self._split(v)) for k, v in raw]
 
     def _items_batch(self) -> list[tuple[bytes, bytes]] | None:
-        vstride = self._value_stride() * self.ncpus
-        out: list[tuple[bytes, bytes]] = []
-        for n, ks, vs in self._batches():
-            out.extend((ks[i * self.key_size:(i + 1) * self.key_size],
-                        vs[i * vstride:(i + 1) * vstride]) for i in range(n))
-        return out if self._batch_ok else None
-
-    def _batches(self) -> Iterator[tuple[int, bytes, bytes]]:
-        """(count, keys, values) per BPF_MAP_LOOKUP_BATCH; stops early, with _batch_ok
-        cleared, where the kernel refuses batch ops for this map."""
         # BATCH_ENTRIES at a time: buffers sized to max_entries (16k entries of per-CPU
         # values in some maps) cost MBs per read, which the allocator then keeps (RSS).
         vstride = self._value_stride() * self.ncpus
@@ -310,6 +300,7 @@ class Map:
         token = max(self.key_size, 8)  # in/out_batch: a bucket index or a key
         out_batch, in_batch = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        out: list[tuple[bytes, bytes]] = []
         first = True
         while True:
             keys = ctypes.create_string_buffer(self.key_size * count)
@@ -324,11 +315,13 @@ class Map:
             if rc < 0 and err != errno.ENOENT:
                 # Old kernels and some map types refuse batch ops: fall back for good.
                 self._batch_ok = False
-                return
-            yield (n.value, ctypes.string_at(keys, self.key_size * n.value),
-                   ctypes.string_at(vals, vstride * n.value))
+                return None
+            ks = ctypes.string_at(keys, self.key_size * n.value)
+            vs = ctypes.string_at(vals, vstride * n.value)
+            out.extend((ks[i * self.key_size:(i + 1) * self.key_size],
+                        vs[i * vstride:(i + 1) * vstride]) for i in range(n.value))
             if err == errno.ENOENT:  # the end of the map
-                return
+                return out
             ctypes.memmove(in_batch, out_batch, token)
             first = False
 

@@ -36,9 +36,8 @@ def home_slot(pool: int) -> int:
 
 
 def slot_copies(lo, slot: int) -> list:
-    reader = PagePoolReader(lo.obj)
     raw = lo.obj.map("pool_counters").lookup_per_cpu(ctypes.c_uint32(slot))
-    return [abi.decode(reader._counters_t, v) for v in raw]
+    return [abi.decode(abi.btf("pagepool").struct("pool_counters"), v) for v in raw]
 
 
 def owned_slots(lo) -> dict[int, int]:
