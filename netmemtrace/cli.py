@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType, ModuleType
 
 from . import __version__, abi, demo, libbpf, probes
-from .collect import memcg
+from .collect import cgroups, memcg
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
 from .views.text import align_columns, verify_table
@@ -91,9 +91,11 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=1.0, metavar="S",
                    help="seconds to trace before the snapshot (default 1)")
     d.add_argument("--cgroup", metavar="PATH",
-                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup)")
+                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup); "
+                        "matching none: the (empty) document, why on stderr, exit 1")
     d.add_argument("--pid", type=int, metavar="PID",
-                   help="only the memory cgroup and process row of PID")
+                   help="only the memory cgroup and process row of PID (exited ones "
+                        "included); matching none: as for --cgroup")
     d.add_argument("--verify", action="store_true",
                    help="also print, on stderr, the zerocopy ledger beside each process's "
                         "/proc/PID/smaps socket: Rss")
@@ -145,10 +147,19 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         # Like bcc tools: an early stop still prints what was traced.
         with contextlib.suppress(KeyboardInterrupt, _Terminate):
             time.sleep(args.duration)
-        snap = memcg.filter_snapshot(session.read(), cgroup=args.cgroup, pid=args.pid)
+        whole = session.read()
+    snap = memcg.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
     print(dump.render(snap))
     if args.verify:
         print(verify_table(snap), file=sys.stderr)
+    if (args.cgroup is not None or args.pid is not None) and not snap.memcgs:
+        # Like grep: the document is still printed, the exit status says nothing matched
+        # (2 stays for errors: nothing was wrong with the trace itself).
+        resolver = cgroups.CgroupResolver.for_memory()
+        print("netmemtrace: " + memcg.no_match_reason(
+            whole, args.cgroup, args.pid, resolver.mount if resolver else None),
+            file=sys.stderr)
+        return 1
     return 0
 
 
