@@ -364,7 +364,7 @@ def test_header_names_missing_probes_errors_and_lost_events() -> None:
     (frame,) = parse_frames(top.batch_frame(snap, None, top.ViewState()))
     first, probes_line, lost, errors = frame.header
     assert "host testhost" in first and "kernel 6.18.0-test" in first
-    assert probes_line.startswith("probes 2/3 attached, missing: page_pool_destroy")
+    assert probes_line == "probes 2/3 attached; failed: page_pool_destroy (why: netmemtrace probes)"
     assert lost.startswith("lost events 3 (pool map full 2, retired map full 1)")
     assert errors == "errors: page_pool: map read failed"
     assert frame.notes["PAGE POOLS"] == "no page pool event seen since attach"
@@ -424,6 +424,28 @@ def test_memcg_table() -> None:
     (frame,) = parse_frames(top.batch_frame(empty, None, top.ViewState()))
     assert frame.notes["MEMORY CGROUPS"] == \
         "no memory cgroup with socket memory or zerocopy seen yet"
+
+
+def test_header_tells_failed_probes_from_off_by_choice_and_replaced() -> None:
+    stack_off = "off by default (the per-packet probe, ~125 ns per skb), turn on with " \
+                "--netmem-stack"
+    raw_off = "off: the per-syscall tracepoints serve instead"
+    status = (
+        *PROBES,
+        ProbeStatus("netmem", "page_pool_destroy", None, False, "fentry: EPERM"),
+        ProbeStatus("netmem", "netif_receive_skb", None, False, stack_off, probes.OFF_CHOICE),
+        ProbeStatus("zerocopy", "sys_enter", None, False, raw_off, probes.OFF_REPLACED),
+        ProbeStatus("zerocopy", "sys_exit", None, False, raw_off, probes.OFF_REPLACED),
+        ProbeStatus("zerocopy", "sys_enter_getsockopt", "tracepoint", True, ""),
+    )
+    line = top.header_lines(make_snap(T0, (), probes=status), None, False)[1]
+    # Replaced hooks are not expected to attach: 3 of the 6 others do.
+    assert line == ("probes 3/6 attached; failed: page_pool_destroy (why: netmemtrace probes)"
+                    "; off by choice: netif_receive_skb (turn on with --netmem-stack)"
+                    "; replaced by another family: sys_enter, sys_exit")
+    quiet = status[:2] + status[5:]
+    assert top.header_lines(make_snap(T0, (), probes=quiet), None, False)[1] == \
+        "probes 3/3 attached; replaced by another family: sys_enter, sys_exit"
 
 
 def test_lost_events_include_the_memcg_side() -> None:

@@ -46,7 +46,7 @@ def load_object(btf_path: str | None = None) -> probes.LoadedObject:
     """The zerocopy object with the per-syscall hooks, or with the raw pair where any of
     them cannot attach (a half-watched syscall set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
-    lo = probes.load_object("zerocopy", path, btf_path=btf_path, disabled=RAW_OFF)
+    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
         return lo
@@ -54,7 +54,7 @@ def load_object(btf_path: str | None = None) -> probes.LoadedObject:
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
     return probes.load_object("zerocopy", path, btf_path=btf_path,
-                              disabled={h: why for h in PER_SYSCALL_HOOKS})
+                              replaced={h: why for h in PER_SYSCALL_HOOKS})
 
 
 class TxTracker:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from ..probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
 from ..snapshot import Holder, MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
 
 UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
@@ -342,20 +343,43 @@ def lost_events(snap: Snapshot) -> dict[str, int]:
     return lost
 
 
+TURN_ON = "turn on with "  # how the reason of a hook off by choice says to switch it on
+
+
+def probes_line(status: Sequence[ProbeStatus]) -> str:
+    """Hooks that should run and how many do; those that failed apart from those off by
+    choice (with how to turn them on) and those another hook family replaces."""
+    def names(rows: Iterable[ProbeStatus]) -> str:
+        return ", ".join(dict.fromkeys(r.hook for r in rows))  # a hook may be in 2 objects
+
+    off = [p for p in status if not p.attached and p.off]
+    failed = [p for p in status if not p.attached and not p.off]
+    replaced = [p for p in off if p.off == OFF_REPLACED]
+    line = f"probes {sum(p.attached for p in status)}/{len(status) - len(replaced)} attached"
+    if failed:
+        line += f"; failed: {names(failed)} (why: netmemtrace probes)"
+    how: dict[str, list[ProbeStatus]] = {}
+    for p in off:
+        if p.off == OFF_CHOICE:
+            how.setdefault(p.reason[p.reason.find(TURN_ON):] if TURN_ON in p.reason
+                           else p.reason, []).append(p)
+    for turn_on, rows in how.items():
+        line += f"; off by choice: {names(rows)} ({turn_on})"
+    if replaced:
+        line += f"; replaced by another family: {names(replaced)}"
+    return line
+
+
 def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str]:
     clock = time.strftime("%H:%M:%S", time.localtime(cur.taken_unix_s))
     span = (f"rates over {(cur.taken_monotonic_ns - prev.taken_monotonic_ns) / 1e9:.1f}s"
             if prev else "rates from the next refresh")
     first = f"{FRAME_START}{clock}  host {cur.host}  kernel {cur.kernel_release}  {span}"
-    missing = [p.hook for p in cur.probes if not p.attached]
-    probes = f"probes {len(cur.probes) - len(missing)}/{len(cur.probes)} attached"
-    if missing:
-        probes += f", missing: {', '.join(missing)} (why: netmemtrace probes)"
     lost = {name: n for name, n in lost_events(cur).items() if n}
     detail = f" ({', '.join(f'{k} {v}' for k, v in lost.items())})" if lost else ""
     return [
         first + ("  PAUSED" if paused else ""),
-        probes,
+        probes_line(cur.probes),
         f"lost events {sum(lost.values())}{detail}  snapshot built in "
         f"{cur.self_stats.snapshot_build_ns / 1e6:.1f} ms",
         "errors: " + ("; ".join(cur.errors) if cur.errors else "none"),
