@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType, ModuleType
 
 from . import __version__, abi, demo, libbpf, probes
-from .collect import cgroups, memcg
+from .collect import cgroups, memcg, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
 from .views.text import align_columns, verify_table
@@ -140,7 +140,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .views import dump
 
-    with open_session(args) as session:
+    with open_session(args, rows=zerocopy.DUMP_ROWS) as session:
         status = session.probe_status()
         print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
               f"tracing for {args.duration:g} s (Ctrl-C: snapshot now)", file=sys.stderr)
