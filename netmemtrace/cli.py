@@ -84,7 +84,9 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                        description="Attach, wait --duration seconds (Ctrl-C: now), print "
                                    "one JSON document to stdout: schema_version, host, "
                                    "kernel, probes, pools (with netmem states and zombie "
-                                   "holders), memcgs, devmem_sockets, netmem, self_stats, "
+                                   "holders), memcgs (with every process seen making "
+                                   "zerocopy calls, exited ones marked with their exit "
+                                   "age), devmem_sockets, netmem, self_stats, "
                                    "errors. Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')

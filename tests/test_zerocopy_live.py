@@ -397,3 +397,28 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
             assert "raw_syscalls serve instead" in rows[h].reason
     finally:
         lo.close()
+
+
+def test_top_keeps_an_exited_process_marked(workload, netns) -> None:
+    """`top --batch`: the process that exited between two frames is still a row of the
+    second, STATE "exited <age>", with the bytes it sent."""
+    from test_top import parse_frames
+
+    with child_memcg("top-exited") as (d, _):
+        top_run = subprocess.Popen(
+            [sys.executable, "-m", "netmemtrace.cli", "top", "--batch", "--count", "2",
+             "--interval", "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            while not top_run.stdout.readline().startswith("netmemtrace top - "):
+                pass  # the first frame: attached
+            totals = exited_workload(workload, netns, d)
+            out, err = top_run.communicate(timeout=30)
+        finally:
+            if top_run.poll() is None:
+                top_run.kill()
+    assert top_run.returncode == 0, err
+    (frame,) = parse_frames("netmemtrace top - \n" + out.partition("netmemtrace top - ")[2])
+    (row,) = [r for r in frame.tables["ZEROCOPY PROCESSES"] if r["PID"] == str(totals["pid"])]
+    assert row["COMM"] == "zc_workload" and row["STATE"].startswith("exited ")
+    assert row["TX_ZC"] == f"{totals['tx_zc_bytes'] / (1 << 20):.1f}MiB"

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ..probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
-from ..snapshot import Holder, MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
+from ..snapshot import (
+    Holder,
+    MemcgSnapshot,
+    PoolSnapshot,
+    ProcessSnapshot,
+    Snapshot,
+    Unavailable,
+)
 
 UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
 SORT_MARK = "*"        # after the title of the column the table is sorted by
@@ -77,7 +84,8 @@ class ViewState:
     # Largest first: page pools by inflight pages, memory cgroups by socket memory now.
     tables: list[TableState] = field(
         default_factory=lambda: [TableState(POOL_COLUMNS.index(INFLIGHT), True),
-                                 TableState(MEMCG_COLUMNS.index(SOCK_NOW), True)])
+                                 TableState(MEMCG_COLUMNS.index(SOCK_NOW), True),
+                                 TableState(PROCESS_COLUMNS.index(PROC_UNACCT), True)])
     focus: int = 0
     paused: bool = False
     editing: str | None = None  # filter text being typed in the footer, None when not typing
@@ -271,6 +279,39 @@ def memcg_table(snap: Snapshot) -> Table:
                  note=None if snap.memcgs else note)
 
 
+# ---- zerocopy processes ------------------------------------------------------------------
+
+PROC_UNACCT = Column("UNACCT_ZC", True)
+PROCESS_COLUMNS = (
+    Column("PID", True), Column("COMM"), Column("MEMCG"), Column("ZC_MAPPED", True),
+    Column("ZC_COPIED", True), PROC_UNACCT, Column("TX_ZC", True), Column("STATE"),
+)
+
+
+def process_row(m: MemcgSnapshot, p: ProcessSnapshot) -> Row:
+    """A process that made zerocopy calls; an exited one stays, its STATE saying since when
+    (for the retention of `top`'s rows, zerocopy.TOP_ROWS)."""
+    path = m.path if m.path is not None else f"(deleted) id {m.cgroup_id}"
+    state = (Cell(f"exited {human_duration(p.exit_age_ns or 0)}", "exited") if p.exited
+             else Cell("running", "running"))
+    return Row((
+        _number(p.pid),
+        Cell(p.comm or UNKNOWN, p.comm or None),
+        Cell(path, path),
+        _number(p.zerocopy.rx_mapped_bytes, human_bytes),
+        _number(p.zerocopy.rx_copied_bytes, human_bytes),
+        _number(p.zerocopy_unaccounted_bytes, human_bytes),
+        _number(p.zerocopy.tx_zc_bytes, human_bytes),
+        state,
+    ))
+
+
+def process_table(snap: Snapshot) -> Table:
+    rows = tuple(process_row(m, p) for m in snap.memcgs for p in m.processes)
+    note = NO_MEMCG if snap.memcg_self_stats is None else "no process made a zerocopy call yet"
+    return Table("ZEROCOPY PROCESSES", PROCESS_COLUMNS, rows, note=None if rows else note)
+
+
 # ---- sorting, filtering, layout -----------------------------------------------------------
 
 def sort_column(table: Table, state: TableState) -> int:
@@ -387,7 +428,7 @@ def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str
 
 
 def sections(cur: Snapshot, prev: Snapshot | None, view: ViewState) -> list[Section]:
-    tables = (pool_table(cur, prev), memcg_table(cur))
+    tables = (pool_table(cur, prev), memcg_table(cur), process_table(cur))
     return [section(t, s, i == view.focus)
             for i, (t, s) in enumerate(zip(tables, view.tables, strict=True))]
 
