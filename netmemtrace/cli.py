@@ -15,7 +15,7 @@ from . import __version__, abi, demo, libbpf, probes
 from .collect import cgroups, memcg, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
-from .views.text import align_columns, verify_table
+from .views.text import align_columns, pool_summary, verify_table
 
 EPILOG = """\
 examples:
@@ -98,6 +98,9 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     d.add_argument("--pid", type=int, metavar="PID",
                    help="only the memory cgroup and process row of PID (exited ones "
                         "included); matching none: as for --cgroup")
+    d.add_argument("--output", metavar="FILE",
+                   help="write the JSON document to FILE and print a short table of the page "
+                        "pools instead (hold/release per second averaged since first seen)")
     d.add_argument("--verify", action="store_true",
                    help="also print, on stderr, the zerocopy ledger beside each process's "
                         "/proc/PID/smaps socket: Rss")
@@ -142,6 +145,12 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .views import dump
 
+    output = None
+    if args.output:  # checked before attaching, not after the whole trace
+        try:
+            output = open(args.output, "w")  # noqa: SIM115 - closed once written below
+        except OSError as exc:
+            raise probes.SetupError(f"--output {args.output}: {exc.strerror}") from None
     with open_session(args, rows=zerocopy.DUMP_ROWS) as session:
         status = session.probe_status()
         print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
@@ -151,7 +160,15 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             time.sleep(args.duration)
         whole = session.read()
     snap = memcg.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
-    print(dump.render(snap))
+    if output:
+        with output:
+            output.write(dump.render(snap) + "\n")
+        print(pool_summary(snap))
+        print(f"\nfull JSON (every field: README.md): {args.output}\n"
+              "next: sudo netmemtrace top    a live view (from a checkout: "
+              "sudo .venv/bin/netmemtrace top; all commands: netmemtrace --help)")
+    else:
+        print(dump.render(snap))
     if args.verify:
         print(verify_table(snap), file=sys.stderr)
     if (args.cgroup is not None or args.pid is not None) and not snap.memcgs:
