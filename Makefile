@@ -11,11 +11,15 @@ BPF_ABI := $(BPF_OBJS:.o=.json)
 
 .PHONY: run test build deps venv lint bench clean test-kernels kernel-deps
 
+RUN_JSON ?= build/run-dump.json
+
 run: build
 	# The main job: netmemtrace attached first, then the demo workload (veth + XDP + TCP)
-	# creates its page pool under it; the JSON snapshot shows that pool's real figures.
-	$(PY) -m netmemtrace.cli dump --duration 8 & dump=$$!; \
-	sleep 1; $(PY) -m netmemtrace.cli demo --duration 5; demo_rc=$$?; \
+	# creates its page pool under it; a short table shows that pool's real figures, the
+	# whole JSON snapshot goes to $(RUN_JSON).
+	@mkdir -p $(dir $(RUN_JSON))
+	$(PY) -m netmemtrace.cli dump --duration 8 --output $(RUN_JSON) & dump=$$!; \
+	sleep 1; $(PY) -m netmemtrace.cli demo --duration 5 >/dev/null; demo_rc=$$?; \
 	wait $$dump; rc=$$?; [ $$demo_rc -eq 0 ] && exit $$rc || exit $$demo_rc
 
 test: build

@@ -165,6 +165,7 @@ struct zc_event {
 	__u32 aux2;
 	__u32 flags;
 	__u32 pad;
+	char comm[16];			/* ZC_EV_EXIT: the process's name, gone from /proc by now */
 };
 
 /* ===== netmem ownership states and devmem tokens (bpf/netmem.bpf.c) ===== */

@@ -216,6 +216,12 @@ static __always_inline void emit(__u32 type, __u32 tgid, __u64 addr, __u64 len, 
 	e->aux2 = aux2;
 	e->flags = flags;
 	e->pad = 0;
+	/* Userspace keeps an exited process's row after /proc forgets it: name it now. */
+	if (type == ZC_EV_EXIT)
+		BPF_CORE_READ_INTO(&e->comm, (struct task_struct *)bpf_get_current_task(),
+				   group_leader, comm);
+	else
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 }
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from types import FrameType, ModuleType
 
 from . import __version__, abi, demo, libbpf, probes
-from .collect import memcg
+from .collect import cgroups, memcg, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
-from .views.text import align_columns, verify_table
+from .views.text import align_columns, pool_summary, verify_table
 
 EPILOG = """\
 examples:
@@ -84,16 +84,23 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                        description="Attach, wait --duration seconds (Ctrl-C: now), print "
                                    "one JSON document to stdout: schema_version, host, "
                                    "kernel, probes, pools (with netmem states and zombie "
-                                   "holders), memcgs, devmem_sockets, netmem, self_stats, "
+                                   "holders), memcgs (with every process seen making "
+                                   "zerocopy calls, exited ones marked with their exit "
+                                   "age), devmem_sockets, netmem, self_stats, "
                                    "errors. Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')
     d.add_argument("--duration", type=float, default=1.0, metavar="S",
                    help="seconds to trace before the snapshot (default 1)")
     d.add_argument("--cgroup", metavar="PATH",
-                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup)")
+                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup); "
+                        "matching none: the (empty) document, why on stderr, exit 1")
     d.add_argument("--pid", type=int, metavar="PID",
-                   help="only the memory cgroup and process row of PID")
+                   help="only the memory cgroup and process row of PID (exited ones "
+                        "included); matching none: as for --cgroup")
+    d.add_argument("--output", metavar="FILE",
+                   help="write the JSON document to FILE and print a short table of the page "
+                        "pools instead (hold/release per second averaged since first seen)")
     d.add_argument("--verify", action="store_true",
                    help="also print, on stderr, the zerocopy ledger beside each process's "
                         "/proc/PID/smaps socket: Rss")
@@ -138,17 +145,40 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .views import dump
 
-    with open_session(args) as session:
+    output = None
+    if args.output:  # checked before attaching, not after the whole trace
+        try:
+            output = open(args.output, "w")  # noqa: SIM115 - closed once written below
+        except OSError as exc:
+            raise probes.SetupError(f"--output {args.output}: {exc.strerror}") from None
+    with open_session(args, rows=zerocopy.DUMP_ROWS) as session:
         status = session.probe_status()
         print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
               f"tracing for {args.duration:g} s (Ctrl-C: snapshot now)", file=sys.stderr)
         # Like bcc tools: an early stop still prints what was traced.
         with contextlib.suppress(KeyboardInterrupt, _Terminate):
             time.sleep(args.duration)
-        snap = memcg.filter_snapshot(session.read(), cgroup=args.cgroup, pid=args.pid)
-    print(dump.render(snap))
+        whole = session.read()
+    snap = memcg.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
+    if output:
+        with output:
+            output.write(dump.render(snap) + "\n")
+        print(pool_summary(snap))
+        print(f"\nfull JSON (every field: README.md): {args.output}\n"
+              "next: sudo netmemtrace top    a live view (from a checkout: "
+              "sudo .venv/bin/netmemtrace top; all commands: netmemtrace --help)")
+    else:
+        print(dump.render(snap))
     if args.verify:
         print(verify_table(snap), file=sys.stderr)
+    if (args.cgroup is not None or args.pid is not None) and not snap.memcgs:
+        # Like grep: the document is still printed, the exit status says nothing matched
+        # (2 stays for errors: nothing was wrong with the trace itself).
+        resolver = cgroups.CgroupResolver.for_memory()
+        print("netmemtrace: " + memcg.no_match_reason(
+            whole, args.cgroup, args.pid, resolver.mount if resolver else None),
+            file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,7 +46,8 @@ class Hook:
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
     attached: bool = False
-    off: str | None = None  # switched off by configuration, and how to switch it on
+    off: str | None = None  # why it is switched off: by choice, or replaced (off_kind)
+    off_kind: str | None = None  # OFF_CHOICE / OFF_REPLACED while off is set
 
     @property
     def reason(self) -> str:
@@ -68,6 +69,13 @@ class ProbeStatus:
     mechanism: str | None
     attached: bool
     reason: str
+    # Not attached on purpose, so not a failure: OFF_CHOICE (a default or option; the reason
+    # says how to turn it on) or OFF_REPLACED (another hook family does its work).
+    off: str | None = None
+
+
+OFF_CHOICE = "choice"
+OFF_REPLACED = "replaced"
 
 
 def _section_target(section: str) -> tuple[str, str]:
@@ -179,7 +187,7 @@ class LoadedObject:
     def status(self) -> list[ProbeStatus]:
         return [
             ProbeStatus(self.name, h.name, h.chosen.mechanism if h.chosen else None, h.attached,
-                        h.reason)
+                        h.reason, h.off_kind)
             for h in self.hooks.values()
         ]
 
@@ -190,19 +198,22 @@ class LoadedObject:
 def load_object(name: str, path: str, *, btf_path: str | None = None,
                 force: str | None = None, attach: bool = True,
                 max_entries: dict[str, int] | None = None,
-                disabled: dict[str, str] | None = None) -> LoadedObject:
+                disabled: dict[str, str] | None = None,
+                replaced: dict[str, str] | None = None) -> LoadedObject:
     """Open, load and attach an object, falling back per hook to the next mechanism.
 
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
-    disabled: hook -> why it stays off (and how to turn it on); not loaded at all.
+    disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
+    replaced: hook -> which other hooks do its work instead; not loaded either.
     """
     hooks = read_catalogue(path, btf_path)
-    for hook_name, why in (disabled or {}).items():
-        if hook_name in hooks:
-            hooks[hook_name].off = why
-            for cand in hooks[hook_name].candidates:
-                cand.failure = why
+    for kind, off in ((OFF_CHOICE, disabled), (OFF_REPLACED, replaced)):
+        for hook_name, why in (off or {}).items():
+            if hook_name in hooks:
+                hooks[hook_name].off, hooks[hook_name].off_kind = why, kind
+                for cand in hooks[hook_name].candidates:
+                    cand.failure = why
     for hook in hooks.values():
         for cand in hook.candidates:
             if cand.failure:

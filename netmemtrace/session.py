@@ -45,12 +45,14 @@ def _bpf_stats_enabled() -> bool:
 class Session:
     def __init__(self, btf_path: str | None = None,
                  netmem_sample: int = DEFAULT_SAMPLE_N, netmem_stack: bool = False,
-                 start_threads: bool = True) -> None:
+                 start_threads: bool = True, rows: zerocopy.ProcessRows = zerocopy.SERVE_ROWS
+                 ) -> None:
         """netmem_sample: track the ownership state of 1 in this many netmem.
         netmem_stack: attach the per-packet netif_receive_skb probe (the stack state).
         start_threads: start the collectors' threads now; False leaves it to
         start_threads() or the first read() (open_session: after the capability drop, as
-        threads keep the capabilities of the thread that created them)."""
+        threads keep the capabilities of the thread that created them).
+        rows: which per-process rows snapshots carry (exited ones for how long)."""
         try:
             sample_threshold(netmem_sample)
         except ValueError as exc:
@@ -90,7 +92,7 @@ class Session:
             if "memcg" in lo and "zerocopy" in lo:
                 # Owns a ring-buffer thread (the zerocopy ledger), started by
                 # start_threads() or the first read(); stopped in close().
-                self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"])
+                self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"], rows=rows)
             if "holders" in lo:
                 # Iterators run only from read(), and only while a zombie pool exists.
                 self._holders = HoldersCollector(lo["holders"].obj)
@@ -196,7 +198,8 @@ class Session:
         self.close()
 
 
-def open_session(args: argparse.Namespace) -> Session:
+def open_session(args: argparse.Namespace,
+                 rows: zerocopy.ProcessRows = zerocopy.SERVE_ROWS) -> Session:
     """Attach everything per the common CLI options, then drop the capabilities reading no
     longer needs (unless --keep-caps).
 
@@ -216,7 +219,7 @@ def open_session(args: argparse.Namespace) -> Session:
                   file=sys.stderr)
     try:
         session = Session(btf_path=args.btf_path, netmem_sample=args.netmem_sample,
-                          netmem_stack=args.netmem_stack, start_threads=not drop)
+                          netmem_stack=args.netmem_stack, start_threads=not drop, rows=rows)
     except BaseException:
         if broker:
             broker.close()

@@ -115,6 +115,8 @@ class ProcessSnapshot:
     zerocopy_oldest_mapped_age_ns: int | None  # age of the oldest page still mapped
     smaps_socket_rss_bytes: int | Unavailable  # cross-check: Rss of socket: mappings
     ledger_vs_smaps_bytes: int | Unavailable  # zerocopy_unaccounted - smaps (0 = agree)
+    exited: bool = False                      # gone; its figures are final
+    exit_age_ns: int | None = None            # since it exited (None while it runs)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class MemcgSelfStats:
     memcg_map_full: int
     memcg_unresolved: int           # socket-memory events without a readable memcg id
     smaps_mismatch_pids: int        # processes whose ledger disagreed with smaps
+    exited_process_rows: int = 0    # rows of exited processes kept now
+    exited_rows_expired: int = 0    # rows dropped after their retention, since start
+    exited_rows_evicted: int = 0    # rows dropped early, the row cap being reached
 
 
 # ---- netmem ownership states and devmem tokens (collect/netmem.py) ----

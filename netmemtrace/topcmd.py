@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from . import probes
+from .collect import zerocopy
 from .session import open_session
 from .views import top
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.batch and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise probes.SetupError("top needs a terminal: run it in one, or use --batch "
                                 "[--count N] for plain-text frames")
-    with open_session(args) as session:
+    with open_session(args, rows=zerocopy.TOP_ROWS) as session:
         first = session.read()  # the first frame right after attach; rates from the second
         if args.batch:
             top.run_batch(session.read, first, args.interval, args.count)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import TraceInstance
+from conftest import REPO, TraceInstance
 
 from netmemtrace import demo
 
@@ -209,3 +209,26 @@ def test_run_demo_cleans_up_on_signal(signum: signal.Signals) -> None:
             child.kill()
             child.wait()
     assert _leftovers(child.pid) == [], stderr
+
+
+@pytest.mark.live
+def test_make_run_shows_a_short_pool_table_then_where_the_json_went(
+        tmp_path: pathlib.Path) -> None:
+    """`make run`, as a newcomer runs it: a few lines, not the whole JSON. The demo's own
+    receive device has its row; the JSON it points to is complete; a next command is named."""
+    out_json = tmp_path / "run.json"
+    run = subprocess.run(["make", "--no-print-directory", "-s", "run", f"RUN_JSON={out_json}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rx_dev = re.search(r"-> \S+ \(nmt-rx-[^/]+/(\S+),", run.stderr).group(1)
+    lines = run.stdout.splitlines()
+    assert len(lines) < 20, run.stdout
+    assert lines[0].split() == ["POOL", "NETDEV", "NETNS", "INFLIGHT", "HOLD/s", "RELEASE/s",
+                                "RECYCLING", "STATE"]
+    (row,) = [line.split() for line in lines[1:] if f"  {rx_dev}  " in line]
+    assert row[6] == "unavailable" and row[7] in ("active", "released")
+    assert float(row[4]) > 0 and float(row[5]) > 0  # the demo's pool really worked
+    assert f"full JSON (every field: README.md): {out_json}" in lines
+    assert any(line.startswith("next: sudo netmemtrace top") for line in lines)
+    doc = json.loads(out_json.read_text())
+    assert rx_dev in [p["netdev"] for p in doc["pools"]] and doc["schema_version"] == 1

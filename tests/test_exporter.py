@@ -81,15 +81,16 @@ def snapshot(pools: tuple[PoolSnapshot, ...] = (), **changes: object) -> Snapsho
     return dataclasses.replace(base, **changes)
 
 
-def registry(snap: Snapshot) -> CollectorRegistry:
+def registry(snap: Snapshot, max_cgroups: int = 100) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(SnapshotCollector(lambda: snap))
+    reg.register(SnapshotCollector(lambda: snap, max_cgroups))
     return reg
 
 
-def samples(snap: Snapshot, openmetrics: bool = False) -> dict[str, list]:
+def samples(snap: Snapshot, openmetrics: bool = False,
+            max_cgroups: int = 100) -> dict[str, list]:
     """Every sample of a scrape, by sample name, parsed back from the exposition text."""
-    reg = registry(snap)
+    reg = registry(snap, max_cgroups)
     if openmetrics:
         families = parse_om(generate_openmetrics(reg).decode())
     else:
@@ -417,6 +418,20 @@ def test_memcg_figures_are_the_snapshot_values() -> None:
     assert one(found, "netmemtrace_process_zerocopy_unaccounted_bytes", **ident, pid="77",
                comm="app77") == 32768
     assert one(found, "netmemtrace_memcg_other_cgroups") == 0
+
+
+def test_exited_processes_have_a_series_while_kept_and_drops_are_counted() -> None:
+    gone = [dataclasses.replace(process(pid, 0), exited=True, exit_age_ns=pid * 10**9)
+            for pid in (3, 4, 5)]
+    m = memcg(processes=(process(77, 32768), *gone))
+    found = samples(snapshot(memcgs=(m,), memcg_self_stats=memcg_self(
+        exited_process_rows=3, exited_rows_expired=8, exited_rows_evicted=2)), max_cgroups=2)
+    # Capped like every per-process series: the most recent exits.
+    assert {(s.labels["pid"], s.value) for s in found["netmemtrace_process_exited_seconds"]} \
+        == {("3", 3.0), ("4", 4.0)}
+    assert one(found, "netmemtrace_exited_process_rows") == 3
+    assert one(found, "netmemtrace_exited_process_rows_expired_total") == 8
+    assert one(found, "netmemtrace_exited_process_rows_evicted_total") == 2
 
 
 def test_memcg_unavailable_figures_are_explained_never_zero() -> None:

@@ -3,6 +3,7 @@ attach here, the `probes` table and the privilege error path."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -78,11 +79,15 @@ def test_probes_table_format() -> None:
     assert lines[2].endswith("kprobe: kprobes not supported")
 
 
-def _cli(*args: str, user: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _cli(*args: str, unprivileged: bool = False,
+         timeout: float = 60) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "netmemtrace.cli", *args]
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-               "--inh-caps=-all", *cmd]
+    if unprivileged:
+        # Without any capability, but still as the clone's owner: another user (nobody)
+        # cannot even import the package when the clone lives under a 0700 directory
+        # (/root, mktemp -d). An empty bounding set keeps exec from granting root's caps.
+        cmd = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
+               *cmd]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -98,7 +103,7 @@ def test_cli_probes_table_lists_every_hook() -> None:
 @pytest.mark.live
 @pytest.mark.parametrize("command", ["dump", "probes"])
 def test_unprivileged_gets_one_line_and_exit_2(command: str) -> None:
-    out = _cli(command, user="65534")
+    out = _cli(command, unprivileged=True)
     assert out.returncode == 2, out
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "CAP_BPF" in out.stderr and "root" in out.stderr
@@ -201,3 +206,27 @@ def test_per_packet_probe_is_opt_in() -> None:
     assert "--netmem-stack" in unavailable["dmabuf"]["stack"]
     with Session(netmem_stack=True) as session:
         assert stack_hook(session).attached
+
+
+@pytest.mark.live
+def test_dump_filters_matching_nothing_say_why_and_exit_1() -> None:
+    """An empty selection is not silent: the document (with no memcg row) still goes to
+    stdout, one line on stderr says why, and the exit status is 1 (2 means an error)."""
+    import json
+    import uuid
+
+    with open("/proc/sys/kernel/pid_max") as f:
+        no_pid = int(f.read())  # pids are below pid_max: this one can never exist
+    nope = f"/nmt-nope-{uuid.uuid4().hex[:8]}"
+    cases = {
+        ("--pid", str(no_pid)): f"--pid {no_pid}: no such process",
+        ("--pid", str(os.getpid())): f"--pid {os.getpid()}: the process made no zerocopy call",
+        ("--cgroup", nope): f"--cgroup {nope}: no such memory cgroup under /sys/fs/cgroup/",
+    }
+    for args, why in cases.items():
+        out = _cli("dump", "--duration", "0", *args)
+        assert out.returncode == 1, out
+        assert json.loads(out.stdout)["memcgs"] == []
+        last = out.stderr.splitlines()[-1]
+        assert last.startswith(f"netmemtrace: {why}"), out.stderr
+        assert "Traceback" not in out.stderr

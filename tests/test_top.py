@@ -22,6 +22,7 @@ from netmemtrace.snapshot import (
     MemcgSelfStats,
     MemcgSnapshot,
     PoolSnapshot,
+    ProcessSnapshot,
     SelfStats,
     Snapshot,
     Unavailable,
@@ -55,6 +56,9 @@ def _cells(line: str) -> list[str]:
     return re.split(r"\s{2,}", line[2:].strip())
 
 
+TABLES = ("PAGE POOLS", "MEMORY CGROUPS", "ZEROCOPY PROCESSES")
+
+
 def parse_frames(text: str) -> list[Frame]:
     """Split `top --batch` output into frames and their tables."""
     frames: list[Frame] = []
@@ -68,8 +72,8 @@ def parse_frames(text: str) -> list[Frame]:
             continue
         elif not line:
             table = None
-        elif line[2:].startswith(("PAGE POOLS", "MEMORY CGROUPS")) and line[0] in " >":
-            table = "PAGE POOLS" if "PAGE POOLS" in line else "MEMORY CGROUPS"
+        elif line[2:].startswith(TABLES) and line[0] in " >":
+            table = next(t for t in TABLES if line[2:].startswith(t))
             frames[-1].tables[table], frames[-1].marked[table], titles = [], [], []
         elif table is None:
             frames[-1].header.append(line)
@@ -341,6 +345,8 @@ def test_tab_moves_focus_and_keys_act_on_the_focused_table() -> None:
     top.handle_key(view, "\n")
     assert view.tables[1].filter == "eth1" and view.tables[0].filter == ""
     top.handle_key(view, "\t")
+    assert view.focus == 2 and "\n> ZEROCOPY PROCESSES" in top.batch_frame(snap, None, view)
+    top.handle_key(view, "\t")
     assert view.focus == 0
 
 
@@ -364,7 +370,7 @@ def test_header_names_missing_probes_errors_and_lost_events() -> None:
     (frame,) = parse_frames(top.batch_frame(snap, None, top.ViewState()))
     first, probes_line, lost, errors = frame.header
     assert "host testhost" in first and "kernel 6.18.0-test" in first
-    assert probes_line.startswith("probes 2/3 attached, missing: page_pool_destroy")
+    assert probes_line == "probes 2/3 attached; failed: page_pool_destroy (why: netmemtrace probes)"
     assert lost.startswith("lost events 3 (pool map full 2, retired map full 1)")
     assert errors == "errors: page_pool: map read failed"
     assert frame.notes["PAGE POOLS"] == "no page pool event seen since attach"
@@ -426,6 +432,55 @@ def test_memcg_table() -> None:
         "no memory cgroup with socket memory or zerocopy seen yet"
 
 
+def test_header_tells_failed_probes_from_off_by_choice_and_replaced() -> None:
+    stack_off = "off by default (the per-packet probe, ~125 ns per skb), turn on with " \
+                "--netmem-stack"
+    raw_off = "off: the per-syscall tracepoints serve instead"
+    status = (
+        *PROBES,
+        ProbeStatus("netmem", "page_pool_destroy", None, False, "fentry: EPERM"),
+        ProbeStatus("netmem", "netif_receive_skb", None, False, stack_off, probes.OFF_CHOICE),
+        ProbeStatus("zerocopy", "sys_enter", None, False, raw_off, probes.OFF_REPLACED),
+        ProbeStatus("zerocopy", "sys_exit", None, False, raw_off, probes.OFF_REPLACED),
+        ProbeStatus("zerocopy", "sys_enter_getsockopt", "tracepoint", True, ""),
+    )
+    line = top.header_lines(make_snap(T0, (), probes=status), None, False)[1]
+    # Replaced hooks are not expected to attach: 3 of the 6 others do.
+    assert line == ("probes 3/6 attached; failed: page_pool_destroy (why: netmemtrace probes)"
+                    "; off by choice: netif_receive_skb (turn on with --netmem-stack)"
+                    "; replaced by another family: sys_enter, sys_exit")
+    quiet = status[:2] + status[5:]
+    assert top.header_lines(make_snap(T0, (), probes=quiet), None, False)[1] == \
+        "probes 3/3 attached; replaced by another family: sys_enter, sys_exit"
+
+
+def test_exited_processes_stay_marked_in_the_process_table() -> None:
+    zc = make_memcg("/").zerocopy
+    running = ProcessSnapshot(
+        pid=10, comm="reader", memcg_id=42, zerocopy=dataclasses.replace(
+            zc, rx_mapped_bytes=8 << 20), zerocopy_unaccounted_bytes=1 << 20,
+        zerocopy_unaccounted_hwm_bytes=1 << 20, zerocopy_oldest_mapped_age_ns=SEC,
+        smaps_socket_rss_bytes=1 << 20, ledger_vs_smaps_bytes=0)
+    gone = dataclasses.replace(
+        running, pid=11, comm="sender", zerocopy=dataclasses.replace(zc, tx_zc_bytes=3 << 20),
+        zerocopy_unaccounted_bytes=0, smaps_socket_rss_bytes=Unavailable("exited"),
+        ledger_vs_smaps_bytes=Unavailable("exited"), exited=True, exit_age_ns=12 * SEC)
+    snap = dataclasses.replace(
+        make_snap(T0, ()), memcg_self_stats=MEMCG_STATS,
+        memcgs=(make_memcg("/app", processes=(gone, running)),))
+    (frame,) = parse_frames(top.batch_frame(snap, None, top.ViewState()))
+    rows = frame.tables["ZEROCOPY PROCESSES"]
+    assert rows == [
+        {"PID": "10", "COMM": "reader", "MEMCG": "/app", "ZC_MAPPED": "8.0MiB",
+         "ZC_COPIED": "0B", "UNACCT_ZC": "1.0MiB", "TX_ZC": "0B", "STATE": "running"},
+        {"PID": "11", "COMM": "sender", "MEMCG": "/app", "ZC_MAPPED": "0B",
+         "ZC_COPIED": "0B", "UNACCT_ZC": "0B", "TX_ZC": "3.0MiB", "STATE": "exited 12s"},
+    ]
+    empty = dataclasses.replace(snap, memcgs=())
+    (frame,) = parse_frames(top.batch_frame(empty, None, top.ViewState()))
+    assert frame.notes["ZEROCOPY PROCESSES"] == "no process made a zerocopy call yet"
+
+
 def test_lost_events_include_the_memcg_side() -> None:
     snap = dataclasses.replace(make_snap(T0, ()), memcg_self_stats=dataclasses.replace(
         MEMCG_STATS, ringbuf_lost_events=5))
@@ -452,9 +507,10 @@ def test_screen_lines_fit_the_terminal(height: int) -> None:
     assert lines[-1] == (top.footer(view), top.HEADER)
     shown = [text for text, _ in lines if re.match(r"  eth\d+ ", text)]
     if height == 40:
-        # 40 - 4 header - 1 footer - 2 x (blank, title, column titles) - memcg note.
-        assert len(shown) == 28
-        assert any("(2 more below)" in text for text, _ in lines)
+        # 40 - 4 header - 1 footer - 3 x (blank, title, column titles) - 2 notes
+        # (memcgs, processes).
+        assert len(shown) == 24
+        assert any("(6 more below)" in text for text, _ in lines)
         assert shown[0].startswith("  eth29 ")  # largest inflight first
 
 

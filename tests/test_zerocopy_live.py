@@ -23,7 +23,7 @@ from memcg_helpers import child_memcg
 
 from netmemtrace import abi, probes
 from netmemtrace.collect import zerocopy
-from netmemtrace.collect.memcg import filter_snapshot
+from netmemtrace.collect.memcg import MemcgCollector, filter_snapshot
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
 from netmemtrace.snapshot import Unavailable
@@ -176,7 +176,9 @@ def test_sigkill_while_holding_leaves_nothing(session, workload, netns) -> None:
         w.proc.wait()
         snap = session.read()
         m = memcg_row(snap, rel)
-        assert m.zerocopy_unaccounted_bytes == 0 and m.processes == ()
+        assert m.zerocopy_unaccounted_bytes == 0
+        ((p,),) = [m.processes]  # its row stays, exited, holding nothing
+        assert (p.pid, p.exited, p.zerocopy_unaccounted_bytes) == (w.pid, True, 0)
         assert w.pid not in session._memcg.zerocopy.ledger.pids()
         # Its counters survive in the memcg's totals.
         assert m.zerocopy.rx_mapped_bytes == w.totals["rx_mapped_bytes"]
@@ -220,6 +222,75 @@ def test_spinning_reader_killed_mid_call(session, workload, netns) -> None:
         assert m.zerocopy.rx_calls > 2 and m.zerocopy.rx_errors == 2
         assert m.zerocopy.rx_mapped_bytes == 0 and m.zerocopy_unaccounted_bytes == 0
         assert snap.errors == ()
+
+
+def exited_workload(workload: str, netns: str, memcg_dir: Path) -> dict:
+    """A workload that runs to the end and exits; its own totals."""
+    w = Workload(workload, netns, memcg_dir, str(STREAM), "reuse", "errors")
+    w.command("munmap")
+    w.proc.stdin.write("exit\n")
+    w.proc.stdin.flush()
+    assert w.proc.wait(timeout=10) == 0
+    return w.totals
+
+
+def test_dump_reports_a_process_that_exited_in_its_window(workload, netns) -> None:
+    """`dump --duration N`: a process that did its zerocopy and exited before the snapshot
+    still has its row, marked exited with its exit age, its counts the workload's own."""
+    with child_memcg("dump-exited") as (d, rel):
+        dump = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump",
+                                 "--duration", "4", "--cgroup", rel], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "probes attached" in dump.stderr.readline()
+            start = time.monotonic_ns()
+            totals = exited_workload(workload, netns, d)
+            out, err = dump.communicate(timeout=30)
+        finally:
+            if dump.poll() is None:
+                dump.kill()
+        done = time.monotonic_ns()
+    assert dump.returncode == 0, err
+    (m,) = json.loads(out)["memcgs"]
+    (p,) = m["processes"]
+    assert (p["pid"], p["comm"], p["exited"]) == (totals["pid"], "zc_workload", True)
+    # It exited after the dump attached and before it was reaped; the snapshot was taken
+    # after that, before the dump exited.
+    assert 0 < p["exit_age_ns"] <= done - start
+    for name in COUNTERS:
+        assert p["zerocopy"][name] == totals[name] == m["zerocopy"][name], name
+    assert p["zerocopy_unaccounted_bytes"] == 0 and "unavailable" in p["smaps_socket_rss_bytes"]
+
+
+def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workload,
+                                                                          netns) -> None:
+    """serve/top keep exited rows for a bounded time and number: the oldest beyond the cap
+    goes at once (evicted), the rest when the retention is over (expired); the memcg's
+    totals keep their counts either way."""
+    lo = zerocopy.load_object()
+    memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
+    rows = zerocopy.ProcessRows(exited_retention_s=2.0, max_exited=1, per_memcg=None)
+    collector = MemcgCollector(memcg_lo, lo, rows=rows)
+    try:
+        with child_memcg("retention") as (d, rel):
+            first = exited_workload(workload, netns, d)
+            second = exited_workload(workload, netns, d)
+            memcgs, stats = collector.read(time.monotonic_ns())
+            (m,) = [m for m in memcgs if m.path == rel]
+            assert [(p.pid, p.exited) for p in m.processes] == [(second["pid"], True)]
+            assert (stats.exited_process_rows, stats.exited_rows_evicted,
+                    stats.exited_rows_expired) == (1, 1, 0)
+            assert m.zerocopy.tx_zc_bytes == first["tx_zc_bytes"] + second["tx_zc_bytes"]
+            memcgs, stats = collector.read(time.monotonic_ns() + int(2.5e9))
+            (m,) = [m for m in memcgs if m.path == rel]
+            assert m.processes == ()
+            assert (stats.exited_process_rows, stats.exited_rows_evicted,
+                    stats.exited_rows_expired) == (0, 1, 1)
+            assert m.zerocopy.rx_calls == first["rx_calls"] + second["rx_calls"]
+    finally:
+        collector.close()
+        memcg_lo.close()
+        lo.close()
 
 
 def test_ledger_overflow_is_counted(workload, netns) -> None:
@@ -326,3 +397,28 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
             assert "raw_syscalls serve instead" in rows[h].reason
     finally:
         lo.close()
+
+
+def test_top_keeps_an_exited_process_marked(workload, netns) -> None:
+    """`top --batch`: the process that exited between two frames is still a row of the
+    second, STATE "exited <age>", with the bytes it sent."""
+    from test_top import parse_frames
+
+    with child_memcg("top-exited") as (d, _):
+        top_run = subprocess.Popen(
+            [sys.executable, "-m", "netmemtrace.cli", "top", "--batch", "--count", "2",
+             "--interval", "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            while not top_run.stdout.readline().startswith("netmemtrace top - "):
+                pass  # the first frame: attached
+            totals = exited_workload(workload, netns, d)
+            out, err = top_run.communicate(timeout=30)
+        finally:
+            if top_run.poll() is None:
+                top_run.kill()
+    assert top_run.returncode == 0, err
+    (frame,) = parse_frames("netmemtrace top - \n" + out.partition("netmemtrace top - ")[2])
+    (row,) = [r for r in frame.tables["ZEROCOPY PROCESSES"] if r["PID"] == str(totals["pid"])]
+    assert row["COMM"] == "zc_workload" and row["STATE"].startswith("exited ")
+    assert row["TX_ZC"] == f"{totals['tx_zc_bytes'] / (1 << 20):.1f}MiB"

@@ -10,20 +10,29 @@ would be charged if network pages stayed accounted while user space maps them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import abi, libbpf, probes
 from ..snapshot import MemcgSelfStats, MemcgSnapshot, ProcessSnapshot, Snapshot, Unavailable
 from . import cgroups, zerocopy
 from .ledger import PAGE
-from .zerocopy import COUNTER_FIELDS, ProcessFigures, add_counters, comm_of, zerocopy_stats
+from .zerocopy import (
+    COUNTER_FIELDS,
+    SERVE_ROWS,
+    ProcessFigures,
+    ProcessRows,
+    add_counters,
+    comm_of,
+    zerocopy_stats,
+)
 
 TRACEPOINT_SOURCE = "tracepoint memcg:mod_memcg_state (MEMCG_SOCK)"
 FUNCTION_SOURCE = "function probes (socket charge/uncharge)"
 # Either pair of functions covers every socket charge of a kernel: new names, then old.
 FUNCTION_HOOK_PAIRS = (("sk_charge", "sk_uncharge"), ("charge_skmem", "uncharge_skmem"))
-TOP_PROCESSES = 10
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,10 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
                  ledger_hwm: dict[int, int], sock: dict[int, SockEvents],
                  source: str | None, source_reason: str,
                  resolver: cgroups.CgroupResolver | None, now_ns: int,
-                 cross_check: CrossCheck) -> tuple[MemcgSnapshot, ...]:
+                 cross_check: CrossCheck, per_memcg: int | None = SERVE_ROWS.per_memcg
+                 ) -> tuple[MemcgSnapshot, ...]:
+    """procs: running processes and rows of exited ones (exit_ns set), whose counters
+    `exited` already holds per memcg. per_memcg: process rows per memcg (None: all)."""
     by_memcg: dict[int, list[ProcessFigures]] = {}
     for p in procs:
         by_memcg.setdefault(p.memcg_id, []).append(p)
@@ -88,7 +100,8 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
         resolver.refresh()
     out = []
     for memcg_id in sorted(ids):
-        members = by_memcg.get(memcg_id, [])
+        rows = by_memcg.get(memcg_id, [])
+        members = [p for p in rows if p.exit_ns is None]
         path = resolver.path(memcg_id) if resolver else None
         ident = cgroups.identity(path) if path else cgroups.CgroupIdentity(None, None, None,
                                                                           None, None)
@@ -97,9 +110,11 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
             counters = add_counters(counters, p.counters)
         unaccounted = sum(p.unaccounted_bytes for p in members)
         oldest = [p.oldest_mapped_ns for p in members if p.oldest_mapped_ns is not None]
+        # Running before exited, then by unaccounted bytes; exited, most recent first.
         processes = tuple(sorted(
-            (_process(p, now_ns, cross_check) for p in members),
-            key=lambda p: (-p.zerocopy_unaccounted_bytes, p.pid)))[:TOP_PROCESSES]
+            (_process(p, now_ns, cross_check) for p in rows),
+            key=lambda p: (p.exited, -p.zerocopy_unaccounted_bytes, p.exit_age_ns or 0,
+                           p.pid)))[:per_memcg]
 
         charged: int | Unavailable
         uncharged: int | Unavailable
@@ -146,18 +161,22 @@ def _polled(resolver: cgroups.CgroupResolver | None, path: str | None
 def _process(p: ProcessFigures, now_ns: int, cross_check: CrossCheck) -> ProcessSnapshot:
     smaps: int | Unavailable
     diff: int | Unavailable
-    if p.counters["rx_calls"]:
+    if p.exit_ns is not None:
+        smaps = diff = Unavailable("process exited: its mappings went with it")
+    elif p.counters["rx_calls"]:
         smaps, diff = cross_check(p.pid, p.unaccounted_bytes)
     else:  # smaps is read only for TCP_ZEROCOPY_RECEIVE callers, never for every process
         smaps = diff = Unavailable("process never called TCP_ZEROCOPY_RECEIVE")
     return ProcessSnapshot(
-        pid=p.pid, comm=comm_of(p.pid), memcg_id=p.memcg_id,
+        pid=p.pid, comm=comm_of(p.pid) if p.exit_ns is None else p.comm, memcg_id=p.memcg_id,
         zerocopy=zerocopy_stats(p.counters, p.inflight_bytes),
         zerocopy_unaccounted_bytes=p.unaccounted_bytes,
         zerocopy_unaccounted_hwm_bytes=p.unaccounted_hwm_bytes,
         zerocopy_oldest_mapped_age_ns=now_ns - p.oldest_mapped_ns
         if p.oldest_mapped_ns is not None else None,
-        smaps_socket_rss_bytes=smaps, ledger_vs_smaps_bytes=diff)
+        smaps_socket_rss_bytes=smaps, ledger_vs_smaps_bytes=diff,
+        exited=p.exit_ns is not None,
+        exit_age_ns=now_ns - p.exit_ns if p.exit_ns is not None else None)
 
 
 
@@ -165,18 +184,20 @@ class MemcgCollector:
     """Both domains joined per memcg; what Session calls once per snapshot."""
 
     def __init__(self, memcg_obj: probes.LoadedObject, zerocopy_obj: probes.LoadedObject,
-                 max_ranges: int = 65536) -> None:
+                 max_ranges: int = 65536, rows: ProcessRows = SERVE_ROWS) -> None:
         self._memcg_obj = memcg_obj
+        self._rows = rows
         self.memcg = MemcgReader(memcg_obj.obj)
-        self.zerocopy = zerocopy.ZerocopyReader(zerocopy_obj.obj, max_ranges)
+        self.zerocopy = zerocopy.ZerocopyReader(zerocopy_obj.obj, max_ranges, rows)
         self.resolver = cgroups.CgroupResolver.for_memory()
 
     def read(self, now_ns: int) -> tuple[tuple[MemcgSnapshot, ...], MemcgSelfStats]:
         source, reason = event_source(self.resolver.hierarchy if self.resolver else None,
                                       self._memcg_obj.status())
-        procs, exited, hwm = self.zerocopy.read()
+        procs, exited, hwm = self.zerocopy.read(now_ns)
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
-                              self.resolver, now_ns, zerocopy.cross_check)
+                              self.resolver, now_ns, zerocopy.cross_check,
+                              self._rows.per_memcg)
         zs, ms, led = self.zerocopy.stats(), self.memcg.stats(), self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)
@@ -186,7 +207,10 @@ class MemcgCollector:
             tx_tracker_overflow_sends=self.zerocopy.tx.overflow_sends,
             pending_full=zs["pending_full"], proc_map_full=zs["proc_map_full"],
             memcg_map_full=ms["memcg_map_full"], memcg_unresolved=ms["memcg_unresolved"],
-            smaps_mismatch_pids=mismatched)
+            smaps_mismatch_pids=mismatched,
+            exited_process_rows=sum(p.exit_ns is not None for p in procs),
+            exited_rows_expired=self.zerocopy.gone_expired,
+            exited_rows_evicted=self.zerocopy.gone_evicted)
 
     def close(self) -> None:
         self.zerocopy.close()
@@ -208,3 +232,25 @@ def filter_snapshot(snap: Snapshot, cgroup: str | None = None, pid: int | None =
         memcgs.append(m)
     return dataclasses.replace(snap, memcgs=tuple(memcgs))
 
+
+
+def no_match_reason(snap: Snapshot, cgroup: str | None, pid: int | None,
+                    mount: Path | None) -> str:
+    """Why `dump --cgroup/--pid` selected no memory cgroup row: one line for stderr.
+
+    mount is the memory hierarchy (CgroupResolver.mount), None when there is none."""
+    if snap.memcg_self_stats is None:
+        return "memory cgroup figures are unavailable in this snapshot (see its errors)"
+    if pid is not None and not any(p.pid == pid for m in snap.memcgs for p in m.processes):
+        if not os.path.exists(f"/proc/{pid}"):
+            return (f"--pid {pid}: no such process, and none with that pid made a zerocopy "
+                    "call before exiting while traced")
+        return (f"--pid {pid}: the process made no zerocopy call while traced (only "
+                "processes that did have a row)")
+    if cgroup is not None and (mount is None or not (mount / cgroup.lstrip("/")).is_dir()):
+        where = f"under {mount}" if mount else "(no memory cgroup hierarchy is mounted)"
+        return f"--cgroup {cgroup}: no such memory cgroup {where}"
+    if cgroup is not None and pid is not None:
+        return f"--pid {pid} has no row at or under --cgroup {cgroup}"
+    return (f"--cgroup {cgroup}: no socket memory or zerocopy event at or under it while "
+            "traced")

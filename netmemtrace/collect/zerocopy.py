@@ -13,6 +13,7 @@ import ctypes
 import os
 import select
 import threading
+import time
 from dataclasses import dataclass
 
 from .. import abi, libbpf, probes
@@ -46,7 +47,7 @@ def load_object(btf_path: str | None = None) -> probes.LoadedObject:
     """The zerocopy object with the per-syscall hooks, or with the raw pair where any of
     them cannot attach (a half-watched syscall set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
-    lo = probes.load_object("zerocopy", path, btf_path=btf_path, disabled=RAW_OFF)
+    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
         return lo
@@ -54,7 +55,7 @@ def load_object(btf_path: str | None = None) -> probes.LoadedObject:
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
     return probes.load_object("zerocopy", path, btf_path=btf_path,
-                              disabled={h: why for h in PER_SYSCALL_HOOKS})
+                              replaced={h: why for h in PER_SYSCALL_HOOKS})
 
 
 class TxTracker:
@@ -139,6 +140,25 @@ class ProcessFigures:
     unaccounted_hwm_bytes: int
     oldest_mapped_ns: int | None
     inflight_bytes: int
+    exit_ns: int | None = None    # CLOCK_MONOTONIC of its exit; None while it runs
+    comm: str | None = None       # exited: its name at exit (running: read from /proc)
+
+
+@dataclass(frozen=True)
+class ProcessRows:
+    """Which per-process rows a command reports: exited processes for how long and how many
+    (their counters stay in their memcg's totals after the row goes), rows per memcg."""
+
+    exited_retention_s: float | None  # None: for the whole session (dump's window)
+    max_exited: int                   # exited rows kept at most; beyond, the oldest go
+    per_memcg: int | None             # rows per memcg, most unaccounted bytes first; None: all
+
+
+# dump: every process seen in its window. top: exited rows for a minute. serve: for 5
+# minutes, then their series go (Prometheus keeps history); the series stay bounded.
+DUMP_ROWS = ProcessRows(exited_retention_s=None, max_exited=4096, per_memcg=None)
+TOP_ROWS = ProcessRows(exited_retention_s=60.0, max_exited=1024, per_memcg=10)
+SERVE_ROWS = ProcessRows(exited_retention_s=300.0, max_exited=1024, per_memcg=10)
 
 
 def zerocopy_stats(counters: dict[str, int], inflight: int) -> ZerocopyStats:
@@ -155,7 +175,8 @@ def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 
 class ZerocopyReader:
-    def __init__(self, obj: libbpf.Object, max_ranges: int = 65536) -> None:
+    def __init__(self, obj: libbpf.Object, max_ranges: int = 65536,
+                 rows: ProcessRows = SERVE_ROWS) -> None:
         btf = abi.btf("zerocopy")
         self._key_t = btf.struct("zc_key")
         self._counters_t = btf.struct("zc_counters")
@@ -166,6 +187,11 @@ class ZerocopyReader:
         self.ledger = Ledger(max_ranges)
         self.tx = TxTracker()
         self.exited: dict[int, dict[str, int]] = {}  # memcg id -> counters of exited procs
+        # Rows of exited processes, oldest exit first, for rows.exited_retention_s.
+        self.rows = rows
+        self.gone: dict[tuple[int, int], ProcessFigures] = {}
+        self.gone_expired = 0
+        self.gone_evicted = 0
         self.bad_events = 0
         self._lock = threading.Lock()
         self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
@@ -208,9 +234,10 @@ class ZerocopyReader:
         elif e.type == ZC_EV_FORK:
             led.fork(e.tgid, e.aux)
         elif e.type == ZC_EV_EXIT:
+            hwm = led.proc_hwm.get(e.tgid, 0)
             led.exit(e.tgid)
             if not e.flags:  # exit, not exec: fold its counters into its memcg
-                self._retire(e.tgid)
+                self._retire(e.tgid, e.ts_ns, e.comm.decode(errors="replace"), hwm)
         elif e.type == ZC_EV_TX_SEND:
             self.tx.send(e.sk, e.tgid, e.aux, e.aux2, e.len)
         elif e.type == ZC_EV_TX_DONE:
@@ -227,8 +254,9 @@ class ZerocopyReader:
                                            for f in COUNTER_FIELDS}
         return out
 
-    def _retire(self, tgid: int) -> None:
-        """An exited process: its counters move to its memcg's exited total, its keys go."""
+    def _retire(self, tgid: int, exit_ns: int, comm: str, hwm: int) -> None:
+        """An exited process: its counters move to its memcg's exited total, its keys go,
+        and its final figures stay a row of their own for the retention."""
         self.tx.drop_process(tgid)
         for (pid, memcg), counters in self._read_counters().items():
             if pid != tgid:
@@ -236,6 +264,25 @@ class ZerocopyReader:
             self.exited[memcg] = add_counters(self.exited.get(memcg, {}), counters)
             key = self._key_t(tgid=pid, cgroup_id=memcg)
             self._counters.delete(key)
+            self.gone.pop((pid, memcg), None)  # a recycled pid: the newer exit stays
+            self.gone[(pid, memcg)] = ProcessFigures(
+                pid=pid, memcg_id=memcg, counters=counters, unaccounted_bytes=0,
+                unaccounted_hwm_bytes=hwm, oldest_mapped_ns=None, inflight_bytes=0,
+                exit_ns=exit_ns, comm=comm)
+            while len(self.gone) > self.rows.max_exited:
+                del self.gone[next(iter(self.gone))]
+                self.gone_evicted += 1
+
+    def _expire(self, now_ns: int) -> None:
+        if self.rows.exited_retention_s is None:
+            return
+        oldest_kept = now_ns - int(self.rows.exited_retention_s * 1e9)
+        while self.gone:
+            key, first = next(iter(self.gone.items()))
+            if first.exit_ns is not None and first.exit_ns >= oldest_kept:
+                break
+            del self.gone[key]
+            self.gone_expired += 1
 
     def stats(self) -> dict[str, int]:
         per_cpu = self._stats.items()[0][1]
@@ -243,11 +290,14 @@ class ZerocopyReader:
         return {name: sum(getattr(d, name) for d in decoded)
                 for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
-    def read(self) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:
-        """(per-process figures, exited counters per memcg, ledger hwm per memcg)."""
+    def read(self, now_ns: int | None = None
+             ) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:
+        """(per-process figures, exited processes' rows within their retention last;
+        exited counters per memcg; ledger hwm per memcg). now_ns: CLOCK_MONOTONIC."""
         self.start()
         with self._lock:
             self._rb.poll(0)
+            self._expire(time.monotonic_ns() if now_ns is None else now_ns)
             counters = self._read_counters()
             led = self.ledger
             inflight = self.tx.inflight_bytes()
@@ -261,6 +311,7 @@ class ZerocopyReader:
                     unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0) if own else 0,
                     oldest_mapped_ns=led.oldest_mapped_ns(pid) if own else None,
                     inflight_bytes=inflight.get(pid, 0)))
+            procs += self.gone.values()
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
 
     def close(self) -> None:

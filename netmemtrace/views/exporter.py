@@ -564,6 +564,20 @@ class SnapshotCollector(Collector):
                              p.zerocopy_unaccounted_bytes)
         yield procs
 
+        exited = GaugeMetricFamily(
+            "netmemtrace_process_exited_seconds",
+            "Seconds since a process that made zerocopy calls exited. Its series lasts as "
+            "long as serve keeps exited rows (300 s, netmemtrace_exited_process_rows), the "
+            "most recent --max-cgroups only; its counts stay in the cgroup's totals.",
+            labels=(*MEMCG_LABELS, "pid", "comm"))
+        gone = [(m, p) for m in memcgs for p in m.processes if p.exited]
+        shown, _ = capped(gone, lambda mp: (-(mp[1].exit_age_ns or 0), -mp[1].pid),
+                          self.max_cgroups)
+        for m, p in shown:
+            exited.add_metric((*memcg_labels(m), str(p.pid), p.comm or ""),
+                              (p.exit_age_ns or 0) / 1e9)
+        yield exited
+
     def _devmem(self, snap: Snapshot, unavailable: Unavailables) -> Iterator[Metric]:
         name = "netmemtrace_memcg_devmem_tokens_outstanding"
         outstanding = GaugeMetricFamily(
@@ -715,6 +729,16 @@ class SnapshotCollector(Collector):
              "Processes whose ledger figure disagrees with the Rss of their socket: "
              "mappings in /proc/PID/smaps (cross-check; 0 when they agree).",
              lambda s: s.smaps_mismatch_pids),
+            ("netmemtrace_exited_process_rows", "gauge",
+             "Exited zerocopy processes whose rows are kept now (for 300 s, at most 1024).",
+             lambda s: s.exited_process_rows),
+            ("netmemtrace_exited_process_rows_expired", "counter",
+             "Exited processes' rows dropped at the end of their retention.",
+             lambda s: s.exited_rows_expired),
+            ("netmemtrace_exited_process_rows_evicted", "counter",
+             "Exited processes' rows dropped before their retention ended, the row cap "
+             "being reached (their counts stay in the cgroup totals).",
+             lambda s: s.exited_rows_evicted),
         )
         if ms is not None:
             lost.add_metric(("zerocopy",), ms.ringbuf_lost_events)

@@ -1,4 +1,4 @@
-"""Plain-text tables for the one-shot views (`probes`, `dump --verify`)."""
+"""Plain-text tables for the one-shot views (`probes`, `dump --verify`, `dump --output`)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ def verify_table(snap: Snapshot) -> str:
 
 def _text(v: int | Unavailable) -> str:
     return f"unavailable ({v.reason})" if isinstance(v, Unavailable) else str(v)
+
+
+RECYCLING_UNAVAILABLE = "unavailable"  # no recycling figure in the snapshot for this pool
+
+
+def pool_summary(snap: Snapshot) -> str:
+    """One line per page pool: what a person wants first, beside `dump --output`'s JSON.
+    Rates are averages since the pool was first seen (one snapshot has no interval)."""
+    rows = [("POOL", "NETDEV", "NETNS", "INFLIGHT", "HOLD/s", "RELEASE/s", "RECYCLING",
+             "STATE")]
+    for p in snap.pools:
+        age_s = p.first_seen_age_ns / 1e9
+        holds = p.hold_pages_total + p.hold_net_iovs_total
+        releases = p.release_pages_total + p.release_net_iovs_total
+        rows.append((
+            str(p.pool_id) if p.pool_id is not None else f"{p.pool_addr:#x}",
+            p.netdev or "-", p.netns or "-", _text(p.inflight_pages),
+            f"{holds / age_s:.0f}" if age_s > 0 else "-",
+            f"{releases / age_s:.0f}" if age_s > 0 else "-",
+            RECYCLING_UNAVAILABLE,
+            p.state))
+    if len(rows) == 1:
+        return "no page pool event seen while tracing"
+    return align_columns(rows)

@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..snapshot import Holder, MemcgSnapshot, PoolSnapshot, Snapshot, Unavailable
+from ..probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
+from ..snapshot import (
+    Holder,
+    MemcgSnapshot,
+    PoolSnapshot,
+    ProcessSnapshot,
+    Snapshot,
+    Unavailable,
+)
 
 UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
 SORT_MARK = "*"        # after the title of the column the table is sorted by
@@ -76,7 +84,8 @@ class ViewState:
     # Largest first: page pools by inflight pages, memory cgroups by socket memory now.
     tables: list[TableState] = field(
         default_factory=lambda: [TableState(POOL_COLUMNS.index(INFLIGHT), True),
-                                 TableState(MEMCG_COLUMNS.index(SOCK_NOW), True)])
+                                 TableState(MEMCG_COLUMNS.index(SOCK_NOW), True),
+                                 TableState(PROCESS_COLUMNS.index(PROC_UNACCT), True)])
     focus: int = 0
     paused: bool = False
     editing: str | None = None  # filter text being typed in the footer, None when not typing
@@ -270,6 +279,39 @@ def memcg_table(snap: Snapshot) -> Table:
                  note=None if snap.memcgs else note)
 
 
+# ---- zerocopy processes ------------------------------------------------------------------
+
+PROC_UNACCT = Column("UNACCT_ZC", True)
+PROCESS_COLUMNS = (
+    Column("PID", True), Column("COMM"), Column("MEMCG"), Column("ZC_MAPPED", True),
+    Column("ZC_COPIED", True), PROC_UNACCT, Column("TX_ZC", True), Column("STATE"),
+)
+
+
+def process_row(m: MemcgSnapshot, p: ProcessSnapshot) -> Row:
+    """A process that made zerocopy calls; an exited one stays, its STATE saying since when
+    (for the retention of `top`'s rows, zerocopy.TOP_ROWS)."""
+    path = m.path if m.path is not None else f"(deleted) id {m.cgroup_id}"
+    state = (Cell(f"exited {human_duration(p.exit_age_ns or 0)}", "exited") if p.exited
+             else Cell("running", "running"))
+    return Row((
+        _number(p.pid),
+        Cell(p.comm or UNKNOWN, p.comm or None),
+        Cell(path, path),
+        _number(p.zerocopy.rx_mapped_bytes, human_bytes),
+        _number(p.zerocopy.rx_copied_bytes, human_bytes),
+        _number(p.zerocopy_unaccounted_bytes, human_bytes),
+        _number(p.zerocopy.tx_zc_bytes, human_bytes),
+        state,
+    ))
+
+
+def process_table(snap: Snapshot) -> Table:
+    rows = tuple(process_row(m, p) for m in snap.memcgs for p in m.processes)
+    note = NO_MEMCG if snap.memcg_self_stats is None else "no process made a zerocopy call yet"
+    return Table("ZEROCOPY PROCESSES", PROCESS_COLUMNS, rows, note=None if rows else note)
+
+
 # ---- sorting, filtering, layout -----------------------------------------------------------
 
 def sort_column(table: Table, state: TableState) -> int:
@@ -342,20 +384,43 @@ def lost_events(snap: Snapshot) -> dict[str, int]:
     return lost
 
 
+TURN_ON = "turn on with "  # how the reason of a hook off by choice says to switch it on
+
+
+def probes_line(status: Sequence[ProbeStatus]) -> str:
+    """Hooks that should run and how many do; those that failed apart from those off by
+    choice (with how to turn them on) and those another hook family replaces."""
+    def names(rows: Iterable[ProbeStatus]) -> str:
+        return ", ".join(dict.fromkeys(r.hook for r in rows))  # a hook may be in 2 objects
+
+    off = [p for p in status if not p.attached and p.off]
+    failed = [p for p in status if not p.attached and not p.off]
+    replaced = [p for p in off if p.off == OFF_REPLACED]
+    line = f"probes {sum(p.attached for p in status)}/{len(status) - len(replaced)} attached"
+    if failed:
+        line += f"; failed: {names(failed)} (why: netmemtrace probes)"
+    how: dict[str, list[ProbeStatus]] = {}
+    for p in off:
+        if p.off == OFF_CHOICE:
+            how.setdefault(p.reason[p.reason.find(TURN_ON):] if TURN_ON in p.reason
+                           else p.reason, []).append(p)
+    for turn_on, rows in how.items():
+        line += f"; off by choice: {names(rows)} ({turn_on})"
+    if replaced:
+        line += f"; replaced by another family: {names(replaced)}"
+    return line
+
+
 def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str]:
     clock = time.strftime("%H:%M:%S", time.localtime(cur.taken_unix_s))
     span = (f"rates over {(cur.taken_monotonic_ns - prev.taken_monotonic_ns) / 1e9:.1f}s"
             if prev else "rates from the next refresh")
     first = f"{FRAME_START}{clock}  host {cur.host}  kernel {cur.kernel_release}  {span}"
-    missing = [p.hook for p in cur.probes if not p.attached]
-    probes = f"probes {len(cur.probes) - len(missing)}/{len(cur.probes)} attached"
-    if missing:
-        probes += f", missing: {', '.join(missing)} (why: netmemtrace probes)"
     lost = {name: n for name, n in lost_events(cur).items() if n}
     detail = f" ({', '.join(f'{k} {v}' for k, v in lost.items())})" if lost else ""
     return [
         first + ("  PAUSED" if paused else ""),
-        probes,
+        probes_line(cur.probes),
         f"lost events {sum(lost.values())}{detail}  snapshot built in "
         f"{cur.self_stats.snapshot_build_ns / 1e6:.1f} ms",
         "errors: " + ("; ".join(cur.errors) if cur.errors else "none"),
@@ -363,7 +428,7 @@ def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str
 
 
 def sections(cur: Snapshot, prev: Snapshot | None, view: ViewState) -> list[Section]:
-    tables = (pool_table(cur, prev), memcg_table(cur))
+    tables = (pool_table(cur, prev), memcg_table(cur), process_table(cur))
     return [section(t, s, i == view.focus)
             for i, (t, s) in enumerate(zip(tables, view.tables, strict=True))]
 
