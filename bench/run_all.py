@@ -38,6 +38,8 @@ Row = tuple[str, ...]
 TARGETS = {
     "per-event cost vs floor": (1.5, True),
     "per-event cost vs bpftrace": (0.5, True),
+    "page_pool event, every program, vs one empty program": (1.3, True),
+    "exec to ready vs bpftrace's": (1.0, True),
     "throughput with tool vs without": (0.99, False),
     "throughput with tool vs without, from CPU cost": (0.99, False),
     "first snapshot (s)": (1.0, True),
@@ -195,6 +197,17 @@ def targets(results: dict) -> list[tuple[str, str, float | None]]:
         if r["x_bpftrace"] is not None:
             out.append(("per-event cost vs bpftrace", f"{r['tracepoint']} {r['program']}",
                         r["x_bpftrace"]))
+    # What one page_pool event costs with every netmemtrace program on it, against one empty
+    # program: the merged pagepool+netmem program is meant to be the only one.
+    for tp_name in ("page_pool_state_hold", "page_pool_state_release"):
+        mine = [r for r in bpf.get("rows", []) if r["tracepoint"] == tp_name
+                and "--netmem-sample" not in r["program"]]
+        total = next((r for r in mine if r["program"].startswith("= all")),
+                     mine[0] if len(mine) == 1 else None)
+        if total and total["ns_per_event"] and total["floor_ns"]["raw_tp"]:
+            out.append(("page_pool event, every program, vs one empty program",
+                        f"{tp_name}: {total['program']}",
+                        total["ns_per_event"] / total["floor_ns"]["raw_tp"]))
     tp = results.get("throughput", {})
     if "netmemtrace" in tp.get("ratio", {}):
         # The bare run repeated: a ratio inside its spread is not resolved by this run.

@@ -150,6 +150,7 @@ _declare("bpf_map__key_size", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__value_size", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__max_entries", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
+_declare("bpf_map__reuse_fd", ctypes.c_int, _c_void_p, ctypes.c_int)
 _declare("bpf_map__type", ctypes.c_int, _c_void_p)
 _declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p)
 _declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p,
@@ -479,6 +480,13 @@ class Object:
     def set_max_entries(self, name: str, n: int) -> None:
         ptr = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
         _check_rc(_lib.bpf_map__set_max_entries(ptr, n), f"max_entries of {name}")
+
+    def reuse_map(self, name: str, other: Map) -> None:
+        """Before load: this object's map `name` is `other` (of an object loaded earlier)."""
+        ptr = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not ptr:
+            raise LibbpfError(f"map {name} not in {self.path}", errno.ENOENT)
+        _check_rc(_lib.bpf_map__reuse_fd(ptr, other.fd), f"reuse map {name}")
 
     def load(self) -> None:
         with _log.lock:

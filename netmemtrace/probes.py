@@ -190,12 +190,14 @@ class LoadedObject:
 def load_object(name: str, path: str, *, btf_path: str | None = None,
                 force: str | None = None, attach: bool = True,
                 max_entries: dict[str, int] | None = None,
-                disabled: dict[str, str] | None = None) -> LoadedObject:
+                disabled: dict[str, str] | None = None,
+                reuse: dict[str, libbpf.Map] | None = None) -> LoadedObject:
     """Open, load and attach an object, falling back per hook to the next mechanism.
 
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
     disabled: hook -> why it stays off (and how to turn it on); not loaded at all.
+    reuse: map name -> a map of an object loaded before, which this object shares.
     """
     hooks = read_catalogue(path, btf_path)
     for hook_name, why in (disabled or {}).items():
@@ -218,6 +220,8 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
         obj = libbpf.Object(path, btf_path)
         for tbl, n in (max_entries or {}).items():
             obj.set_max_entries(tbl, n)
+        for tbl, shared in (reuse or {}).items():
+            obj.reuse_map(tbl, shared)
         chosen = {h.name: h.next_candidate() for h in hooks.values()}
         selected = {c.program for c in chosen.values() if c}
         for prog in obj.programs.values():

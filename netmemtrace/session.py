@@ -21,6 +21,7 @@ from .collect.netmem import (
     HEAD_PAGE_SYMBOLS,
     NetmemReader,
     sample_threshold,
+    shared_maps,
 )
 from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
@@ -71,12 +72,16 @@ class Session:
                   for name in OBJECTS if (path := abi.BPF_OBJ_DIR / f"{name}.bpf.o").exists()),
                 resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
             for name in OBJECTS:
+                lo = {o.name: o for o in self.loaded}
                 try:
                     self.loaded.append(
                         zerocopy.load_object(btf_path) if name == "zerocopy" else
                         probes.load_object(
                             name, str(abi.object_path(name)), btf_path=btf_path,
-                            disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
+                            disabled=None if netmem_stack or name != "netmem" else STACK_OFF,
+                            # One netmem table, filled by the pagepool object's programs.
+                            reuse=shared_maps(lo["pagepool"])
+                            if name == "netmem" and "pagepool" in lo else None))
                 except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
                     self.failed.append(probes.ProbeStatus(
                         name, "(object)", None, False, f"object not loaded: {exc}"))
@@ -85,8 +90,8 @@ class Session:
                                         + "".join(f"; {f.reason}" for f in self.failed))
             lo = {o.name: o for o in self.loaded}
             self._pagepool = PagePoolReader(lo["pagepool"].obj) if "pagepool" in lo else None
-            self._netmem = NetmemReader(lo["netmem"], netmem_sample) if "netmem" in lo \
-                else None
+            self._netmem = NetmemReader(lo["netmem"], netmem_sample, lo.get("pagepool")) \
+                if "netmem" in lo else None
             if "memcg" in lo and "zerocopy" in lo:
                 # Owns a ring-buffer thread (the zerocopy ledger), started by
                 # start_threads() or the first read(); stopped in close().
