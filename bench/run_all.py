@@ -40,6 +40,7 @@ TARGETS = {
     "per-event cost vs bpftrace": (0.5, True),
     "page_pool event, every program, vs one empty program": (1.3, True),
     "exec to ready vs bpftrace's": (1.0, True),
+    "exec to ready (s)": (0.34, True),
     "throughput with tool vs without": (0.99, False),
     "throughput with tool vs without, from CPU cost": (0.99, False),
     "first snapshot (s)": (1.0, True),
@@ -141,6 +142,11 @@ def daemon_section(res: dict) -> str:
                    f"{m['import_s']:.2f} s; ready to exit (detaching) "
                    f"{m['ready_to_exit_s']:.2f} s; `top --batch` first frame "
                    f"{m['top_first_frame_s']:.2f} s (target < 1 s)")
+        if m.get("x_bpftrace") is not None:
+            out.append(f"exec to ready, side by side (interleaved): netmemtrace "
+                       f"{m['exec_to_ready_s']:.2f} s, bpftrace (bench/pagepool.bt, exec to "
+                       f"its BEGIN probe) {m['bpftrace_exec_to_ready_s']:.2f} s: "
+                       f"{m['x_bpftrace']:.2f}x")
     for name, st in res.items():
         if not name.startswith("steady"):
             continue
@@ -221,8 +227,12 @@ def targets(results: dict) -> list[tuple[str, str, float | None]]:
                     implied))
     dm = results.get("daemon", {})
     if "median" in dm.get("first_snapshot", {}):
-        out.append(("first snapshot (s)", "Session() + read()",
-                    dm["first_snapshot"]["median"]["session_plus_read_s"]))
+        m = dm["first_snapshot"]["median"]
+        out.append(("first snapshot (s)", "Session() + read()", m["session_plus_read_s"]))
+        out.append(("exec to ready (s)", "bench/reader.py --once", m["exec_to_ready_s"]))
+        if m.get("x_bpftrace") is not None:
+            out.append(("exec to ready vs bpftrace's", "bpftrace: bench/pagepool.bt to BEGIN",
+                        m["x_bpftrace"]))
     for name, st in dm.items():
         if name.startswith("steady") and "error" not in st:
             out.append(("CPU at 1 s refresh (% of one core)", st["tool"],

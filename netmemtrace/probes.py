@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,22 @@ def _lockdown_mode() -> str | None:
 # Mechanisms this kernel refuses outright (e.g. fentry under lockdown), learnt from the first
 # refusal: later objects skip them instead of paying a failed load and a reload each.
 _denied_mechanisms: dict[str, str] = {}
+_fentry_probe_lock = threading.Lock()
+_fentry_probed = False
+
+
+def _fentry_refused(target: str) -> str | None:
+    """Whether this kernel refuses fentry programs, found once by loading an empty one on
+    the first fentry target: a refusal found by loading an object costs a reload."""
+    global _fentry_probed
+    with _fentry_probe_lock:
+        if not _fentry_probed:
+            err = libbpf.fentry_load_errno(target)
+            if err == errno.EPERM:
+                _denied_mechanisms["fentry"] = failure_reason(
+                    Candidate("fentry", "", target), err, "load")
+            _fentry_probed = err != errno.ENOENT  # that target only: probe with the next
+    return _denied_mechanisms.get("fentry")
 
 
 def static_check(cand: Candidate, btf_path: str | None) -> str | None:
@@ -145,12 +162,15 @@ def static_check(cand: Candidate, btf_path: str | None) -> str | None:
         if not (TRACEFS / "events" / target / "id").exists():
             return f"tracepoint {target} not in this kernel"
     elif mech in ("fentry", "kprobe"):
-        if not kallsyms.lookup([target]):
-            return f"symbol {target} not found in /proc/kallsyms"
+        # The checks that need no /proc/kallsyms scan first (Session scans it meanwhile).
         if mech == "fentry" and not VMLINUX_BTF.exists():
             return "fentry needs /sys/kernel/btf/vmlinux"
+        if mech == "fentry" and (refused := _fentry_refused(target)):
+            return refused
         if mech == "kprobe" and not KPROBE_PMU.exists():
             return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
+        if not kallsyms.lookup([target]):
+            return f"symbol {target} not found in /proc/kallsyms"
     return None
 
 
