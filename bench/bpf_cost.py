@@ -18,7 +18,7 @@ from pathlib import Path
 from common import BENCH, BenchError, Bpftrace, bpf_stats, compile_floor, iperf3, prog_stats
 
 from netmemtrace import abi, probes
-from netmemtrace.collect.netmem import DEFAULT_SAMPLE_N, NetmemReader
+from netmemtrace.collect.netmem import DEFAULT_SAMPLE_N, NetmemReader, shared_maps
 from netmemtrace.demo import VethTopology, tcp_stream
 from netmemtrace.session import STACK_OFF, Session
 
@@ -33,7 +33,7 @@ PACKET_PATH = {"page_pool_state_hold", "page_pool_state_release", "page_pool_rel
 # netmem tracking at twice the default sampling (--netmem-sample 16), side by side: what
 # following twice as many netmem costs per page_pool event.
 DENSER_SAMPLE_N = DEFAULT_SAMPLE_N // 2
-DENSER = f"netmem --netmem-sample {DENSER_SAMPLE_N}"
+DENSER = f"pagepool+netmem --netmem-sample {DENSER_SAMPLE_N}"
 
 # (contestant, program or tracepoint) -> (run_time_ns, run_cnt), cumulative since load.
 Stats = dict[tuple[str, str], tuple[int, int]]
@@ -88,13 +88,20 @@ def _netmemtrace() -> Contestant:
 
 
 def _netmem_denser() -> Contestant:
-    lo = probes.load_object("netmem", str(abi.object_path("netmem")), disabled=STACK_OFF)
+    """A second pagepool object (whose page_pool programs do the netmem domain's work too)
+    with its own netmem table at the denser sampling; the netmem object only lends the
+    reader, its own hooks stay detached."""
+    pool_lo = probes.load_object("pagepool", str(abi.object_path("pagepool")))
+    los = [pool_lo]
     try:
-        NetmemReader(lo, DENSER_SAMPLE_N)  # writes the sampling into the object's .bss
+        los.append(probes.load_object("netmem", str(abi.object_path("netmem")), attach=False,
+                                      disabled=STACK_OFF, reuse=shared_maps(pool_lo)))
+        NetmemReader(los[1], DENSER_SAMPLE_N, pool_lo)  # writes the sampling into the config
     except BaseException:
-        lo.close()
+        for lo in los:
+            lo.close()
         raise
-    return _hook_programs(DENSER, [lo])
+    return _hook_programs(DENSER, los)
 
 
 def _floor(mech: str, path: Path) -> Callable[[], Contestant]:

@@ -6,9 +6,11 @@ and the latency of a scrape (the cached body over loopback HTTP), as serve pays 
 
 from __future__ import annotations
 
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -36,8 +38,37 @@ SYNTHETIC_POOLS = 1000
 SYNTHETIC_MEMCGS = 10_000
 
 
+def bpftrace_start() -> float | None:
+    """Exec of bpftrace with the page_pool script (bench/pagepool.bt) to its BEGIN probe,
+    which bpftrace runs once every probe is attached; None without bpftrace."""
+    with tempfile.NamedTemporaryFile("w", suffix=".bt") as script:
+        script.write('BEGIN { printf("ready\\n"); }\n' + (BENCH / "pagepool.bt").read_text())
+        script.flush()
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen(["bpftrace", script.name], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+        except FileNotFoundError:
+            return None
+        assert proc.stdout is not None
+        while (line := proc.stdout.readline()) and not line.startswith("ready"):
+            pass
+        took = time.monotonic() - start
+        proc.stdout.close()  # its map dump at exit goes nowhere
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not line:
+        raise BenchError("bpftrace exited before its BEGIN probe ran")
+    return took
+
+
 def first_snapshot() -> dict[str, object]:
-    """Fresh processes: exec -> imports -> Session() -> first read() complete."""
+    """Fresh processes: exec -> imports -> Session() -> first read() complete; bpftrace's
+    exec -> attached in the same rounds, interleaved."""
     runs = []
     for _ in range(STARTS):
         start = time.monotonic()
@@ -53,9 +84,14 @@ def first_snapshot() -> dict[str, object]:
         imp, sess, read = map(float, line.split()[1:])
         runs.append({"import_s": imp, "session_s": sess, "first_read_s": read,
                      "session_plus_read_s": sess + read, "exec_to_ready_s": ready,
-                     "ready_to_exit_s": exited - ready, "top_first_frame_s": top_first_frame()})
-    return {"runs": runs,
-            "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+                     "ready_to_exit_s": exited - ready, "top_first_frame_s": top_first_frame(),
+                     "bpftrace_exec_to_ready_s": bpftrace_start()})
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+              if all(r[k] is not None for r in runs)}
+    median["x_bpftrace"] = statistics.median(
+        r["exec_to_ready_s"] / r["bpftrace_exec_to_ready_s"] for r in runs
+    ) if "bpftrace_exec_to_ready_s" in median else None
+    return {"runs": runs, "median": median}
 
 
 def top_first_frame() -> float:

@@ -38,6 +38,9 @@ Row = tuple[str, ...]
 TARGETS = {
     "per-event cost vs floor": (1.5, True),
     "per-event cost vs bpftrace": (0.5, True),
+    "page_pool event, every program, vs one empty program": (1.3, True),
+    "exec to ready vs bpftrace's": (1.0, True),
+    "exec to ready (s)": (0.34, True),
     "throughput with tool vs without": (0.99, False),
     "throughput with tool vs without, from CPU cost": (0.99, False),
     "first snapshot (s)": (1.0, True),
@@ -139,6 +142,11 @@ def daemon_section(res: dict) -> str:
                    f"{m['import_s']:.2f} s; ready to exit (detaching) "
                    f"{m['ready_to_exit_s']:.2f} s; `top --batch` first frame "
                    f"{m['top_first_frame_s']:.2f} s (target < 1 s)")
+        if m.get("x_bpftrace") is not None:
+            out.append(f"exec to ready, side by side (interleaved): netmemtrace "
+                       f"{m['exec_to_ready_s']:.2f} s, bpftrace (bench/pagepool.bt, exec to "
+                       f"its BEGIN probe) {m['bpftrace_exec_to_ready_s']:.2f} s: "
+                       f"{m['x_bpftrace']:.2f}x")
     for name, st in res.items():
         if not name.startswith("steady"):
             continue
@@ -195,6 +203,17 @@ def targets(results: dict) -> list[tuple[str, str, float | None]]:
         if r["x_bpftrace"] is not None:
             out.append(("per-event cost vs bpftrace", f"{r['tracepoint']} {r['program']}",
                         r["x_bpftrace"]))
+    # What one page_pool event costs with every netmemtrace program on it, against one empty
+    # program: the merged pagepool+netmem program is meant to be the only one.
+    for tp_name in ("page_pool_state_hold", "page_pool_state_release"):
+        mine = [r for r in bpf.get("rows", []) if r["tracepoint"] == tp_name
+                and "--netmem-sample" not in r["program"]]
+        total = next((r for r in mine if r["program"].startswith("= all")),
+                     mine[0] if len(mine) == 1 else None)
+        if total and total["ns_per_event"] and total["floor_ns"]["raw_tp"]:
+            out.append(("page_pool event, every program, vs one empty program",
+                        f"{tp_name}: {total['program']}",
+                        total["ns_per_event"] / total["floor_ns"]["raw_tp"]))
     tp = results.get("throughput", {})
     if "netmemtrace" in tp.get("ratio", {}):
         # The bare run repeated: a ratio inside its spread is not resolved by this run.
@@ -208,8 +227,12 @@ def targets(results: dict) -> list[tuple[str, str, float | None]]:
                     implied))
     dm = results.get("daemon", {})
     if "median" in dm.get("first_snapshot", {}):
-        out.append(("first snapshot (s)", "Session() + read()",
-                    dm["first_snapshot"]["median"]["session_plus_read_s"]))
+        m = dm["first_snapshot"]["median"]
+        out.append(("first snapshot (s)", "Session() + read()", m["session_plus_read_s"]))
+        out.append(("exec to ready (s)", "bench/reader.py --once", m["exec_to_ready_s"]))
+        if m.get("x_bpftrace") is not None:
+            out.append(("exec to ready vs bpftrace's", "bpftrace: bench/pagepool.bt to BEGIN",
+                        m["x_bpftrace"]))
     for name, st in dm.items():
         if name.startswith("steady") and "error" not in st:
             out.append(("CPU at 1 s refresh (% of one core)", st["tool"],

@@ -4,11 +4,13 @@
  * page, devmem dmabuf net_iov, io_uring zcrx net_iov), how long applications hold them,
  * and the devmem TCP token flow per socket.
  *
- * Per-netmem state lives in a bounded table (netmems, below), for 1 in N netmem picked by a
- * hash of its address (struct netmem_config): the per-packet hooks of a fast NIC pay a
- * multiply for each netmem they do not track, never a map update. Transitions:
+ * Per-netmem state lives in a bounded table (netmems, netmem_table.bpf.h), for 1 in N netmem
+ * picked by a hash of its address (struct netmem_config): the per-packet hooks of a fast NIC
+ * pay a multiply for each netmem they do not track, never a map update. The page_pool
+ * tracepoints' part runs in pagepool.bpf.c's programs (one program per event for both
+ * domains), on the same maps. Transitions:
  *
- *   page_pool_state_hold (tp)               NONE  -> POOL    taken from the allocator
+ *   page_pool_state_hold (tp, pagepool)     NONE  -> POOL    taken from the allocator
  *   page_pool_alloc_netmems (fexit)         any   -> DRIVER
  *   netif_receive_skb (tp)                  any   -> STACK   every netmem of the skb
  *   tcp_recvmsg_dmabuf (fexit)              STACK -> APP     one devmem token per frag
@@ -17,7 +19,7 @@
  *   tcp_destroy_sock (tp)                   APP   -> STACK   tokens freed for the socket
  *   io_pp_zc_alloc_netmems (fexit)          APP   -> POOL    refilled from the zcrx ring
  *   page_pool_put_unrefed_netmem (fentry)   any   -> POOL    last reference dropped
- *   page_pool_state_release (tp)            any   -> NONE    back to the allocator/provider
+ *   page_pool_state_release (tp, pagepool)  any   -> NONE    back to the allocator/provider
  *
  * fentry/fexit programs have kprobe/kretprobe twins for kernels without BPF trampolines.
  * Token counts per socket are exact (not sampled) and come from the syscall tracepoints:
@@ -34,10 +36,8 @@
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
 #include "common.bpf.h"
+#include "netmem_table.bpf.h"
 
-#define MAX_TRACKED 32768
-#define MAX_POOLS 1024
-#define MAX_SOCKETS 4096
 #define MAX_CALLS 4096
 #define MAX_FRAGS 45		/* the largest CONFIG_MAX_SKB_FRAGS */
 #define MAX_SKB_CHAIN 4		/* an skb and the first skbs of its frag_list */
@@ -52,48 +52,6 @@
 #define S_IFSOCK 0140000
 #define SOCK_STREAM 1
 #define CMSG_ALIGN(len) (((len) + sizeof(long) - 1) & ~(sizeof(long) - 1))
-
-/* Set by userspace through the .bss map right after load; zero tracks nothing. */
-struct netmem_config netmem_config;
-
-/*
- * Tracked netmem: a 2-way set-associative table indexed by a hash of the netmem_ref, not a
- * hash map. Every access to a sampled netmem misses the cache; a slot is one cache line
- * the kernel finds with inlined arithmetic, where a hash map walks a bucket, takes a lock
- * and a free list. Tracking every netmem on veth+XDP, a hold cost 405 ns and a release
- * 545 ns with the hash map, 231 and 279 ns with this table (bench/). A netmem may use
- * either slot of its pair; a third one evicts the second slot's (counted in
- * netmem_map_full). Slots are written without a lock: two CPUs starting to track two
- * netmem of the same pair at the same instant can lose one, which then is not tracked.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_TRACKED);
-	__uint(map_flags, BPF_F_MMAPABLE);	/* userspace scans it in place */
-	__type(key, __u32);
-	__type(value, struct netmem_entry);
-} netmems SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, MAX_POOLS);
-	__type(key, __u64);
-	__type(value, struct netmem_pool_counters);
-} netmem_pools SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SOCKETS);
-	__type(key, __u64);
-	__type(value, struct devmem_socket);
-} devmem_sockets SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct netmem_stats);
-} netmem_stats SEC(".maps");
 
 enum call_op {
 	CALL_RECVMSG = 1,
@@ -128,75 +86,8 @@ struct {
 	__type(value, struct call);
 } fn_calls SEC(".maps");
 
-#define stat_add(field, n) STAT_ADD(netmem_stats, struct netmem_stats, field, n)
+#define stat_add(field, n) netmem_stat_add(field, n)
 #define stat_inc(field) stat_add(field, 1)
-
-static __always_inline __u64 netmem_hash(__u64 netmem)
-{
-	return ((netmem & ~NETMEM_NET_IOV_BIT) >> 6) * 0x9E3779B97F4A7C15ULL;
-}
-
-/* The high half of the hash picks the sample, bits 16.. pick the slot pair. */
-static __always_inline bool sampled(__u64 netmem)
-{
-	return netmem && (netmem_hash(netmem) >> 32) < netmem_config.sample_threshold;
-}
-
-static __always_inline __u32 netmem_slot(__u64 netmem)
-{
-	return (netmem_hash(netmem) >> 16) & netmem_config.slot_mask;
-}
-
-static __always_inline struct netmem_entry *netmem_lookup(__u64 netmem)
-{
-	__u32 slot = netmem_slot(netmem);
-	struct netmem_entry *e = bpf_map_lookup_elem(&netmems, &slot);
-
-	if (e && e->netmem == netmem)
-		return e;
-	slot += 1;
-	e = bpf_map_lookup_elem(&netmems, &slot);
-	return e && e->netmem == netmem ? e : NULL;
-}
-
-static __always_inline __u32 log2_u64(__u64 v)
-{
-	__u32 r, shift;
-
-	r = (v > 0xFFFFFFFF) << 5;
-	v >>= r;
-	shift = (v > 0xFFFF) << 4;
-	v >>= shift;
-	r |= shift;
-	shift = (v > 0xFF) << 3;
-	v >>= shift;
-	r |= shift;
-	shift = (v > 0xF) << 2;
-	v >>= shift;
-	r |= shift;
-	shift = (v > 0x3) << 1;
-	v >>= shift;
-	r |= shift;
-	return r | (v >> 1);
-}
-
-static __always_inline enum netmem_type netmem_type_of(__u64 netmem)
-{
-	struct net_iov *niov = (void *)(netmem & ~NETMEM_NET_IOV_BIT);
-	enum net_iov_type t;
-
-	if (!(netmem & NETMEM_NET_IOV_BIT))
-		return NETMEM_TYPE_PAGE;
-	if (!bpf_core_field_exists(niov->type) || bpf_core_read(&t, sizeof(t), &niov->type))
-		return NETMEM_TYPE_NET_IOV;
-	if (bpf_core_enum_value_exists(enum net_iov_type, NET_IOV_IOURING) &&
-	    t == bpf_core_enum_value(enum net_iov_type, NET_IOV_IOURING))
-		return NETMEM_TYPE_IO_URING;
-	if (bpf_core_enum_value_exists(enum net_iov_type, NET_IOV_DMABUF) &&
-	    t == bpf_core_enum_value(enum net_iov_type, NET_IOV_DMABUF))
-		return NETMEM_TYPE_DMABUF;
-	return NETMEM_TYPE_NET_IOV;
-}
 
 /* The pool a netmem belongs to, from its own pp field (page and net_iov alike). */
 static __always_inline __u64 netmem_pool(__u64 netmem)
@@ -207,22 +98,6 @@ static __always_inline __u64 netmem_pool(__u64 netmem)
 	if (netmem & NETMEM_NET_IOV_BIT)
 		return (__u64)BPF_CORE_READ(niov, pp);
 	return (__u64)BPF_CORE_READ(page, pp);
-}
-
-static __noinline struct netmem_pool_counters *pool_counters(__u64 pool)
-{
-	struct netmem_pool_counters *c = bpf_map_lookup_elem(&netmem_pools, &pool);
-	static const struct netmem_pool_counters zero;
-
-	if (c)
-		return c;
-	/* NOEXIST: another CPU may have created it meanwhile; its counters stay. */
-	if (bpf_map_update_elem(&netmem_pools, &pool, &zero, BPF_NOEXIST) &&
-	    !bpf_map_lookup_elem(&netmem_pools, &pool)) {
-		stat_inc(pool_map_full);
-		return NULL;
-	}
-	return bpf_map_lookup_elem(&netmem_pools, &pool);
 }
 
 /* A socket's record; a new one if the address belonged to a socket destroyed since. */
@@ -245,75 +120,6 @@ static __noinline struct devmem_socket *socket_get(__u64 sk)
 	return bpf_map_lookup_elem(&devmem_sockets, &sk);
 }
 
-static __always_inline void socket_app_add(__u64 owner, int delta)
-{
-	struct devmem_socket *s = bpf_map_lookup_elem(&devmem_sockets, &owner);
-
-	if (s && (delta > 0 || s->tracked_app > 0))
-		__sync_fetch_and_add(&s->tracked_app, delta);
-}
-
-/*
- * Move a tracked netmem to another state, counting the transition and any hold time.
- * Only a hold time reads the clock (~35 ns here): no other figure needs the time a netmem
- * entered its state.
- */
-static __noinline void netmem_move(struct netmem_entry *e, __u32 to)
-{
-	struct netmem_pool_counters *c;
-	__u32 from = e->state;
-	__u64 held;
-
-	if (from == to || from >= NETMEM_ST_MAX || to >= NETMEM_ST_MAX)
-		return;
-	c = pool_counters(e->pool);
-	if (c)
-		c->transitions[from].to[to] += 1;
-	if (from == NETMEM_ST_APPLICATION) {
-		held = bpf_ktime_get_ns() - e->app_since_ns;
-		if (c && e->app_since_ns) {
-			c->hold_log2_ns[log2_u64(held) & (NETMEM_HOLD_BUCKETS - 1)] += 1;
-			c->hold_count += 1;
-			c->hold_sum_ns += held;
-		}
-		socket_app_add(e->owner, -1);
-		e->app_since_ns = 0;
-		e->owner = 0;
-		e->tgid = 0;
-		e->memcg_id = 0;
-		e->user_refs = 0;
-	}
-	e->state = to;
-}
-
-/*
- * The slot a netmem starts to be tracked in, fresh: its own entry (which missed its
- * release), else a free slot of its pair, else the pair's second (evicted, counted). An
- * application reference the old occupant held is dropped from its socket's count.
- */
-static __noinline struct netmem_entry *netmem_claim(__u64 netmem, __u64 pool, __u32 state)
-{
-	__u32 slot = netmem_slot(netmem), second = slot + 1;
-	struct netmem_entry *e = bpf_map_lookup_elem(&netmems, &slot);
-	struct netmem_entry *e2 = bpf_map_lookup_elem(&netmems, &second);
-
-	if (!e || !e2)
-		return NULL;
-	if (e->netmem != netmem && (e->netmem || e2->netmem == netmem)) {
-		if (e2->netmem && e2->netmem != netmem)
-			stat_inc(netmem_map_full);
-		e = e2;
-	}
-	if (e->netmem && e->state == NETMEM_ST_APPLICATION)
-		socket_app_add(e->owner, -1);
-	__builtin_memset(e, 0, sizeof(*e));
-	e->netmem = netmem;
-	e->pool = pool;
-	e->state = state;
-	e->type = netmem_type_of(netmem);
-	return e;
-}
-
 /*
  * The netmem's entry; if it has none and its pool is known, a new one in `state` without a
  * transition into it: it was first seen there (it predates attach or the hook that would
@@ -329,45 +135,6 @@ static __always_inline struct netmem_entry *netmem_get(__u64 netmem, __u64 pool,
 }
 
 /* ---- transition cores, shared by the hooks and netmem_replay ---- */
-
-/* A netmem enters a pool: a fresh entry in POOL, even if one exists (it missed its release). */
-static __noinline void netmem_hold(__u64 pool, __u64 netmem)
-{
-	struct netmem_pool_counters *c;
-
-	if (!netmem_claim(netmem, pool, NETMEM_ST_POOL))
-		return;
-	c = pool_counters(pool);
-	if (c)
-		c->transitions[NETMEM_ST_NONE].to[NETMEM_ST_POOL] += 1;
-}
-
-static __always_inline void on_state_hold(__u64 pool, __u64 netmem)
-{
-	if (sampled(netmem))
-		netmem_hold(pool, netmem);
-}
-
-static __always_inline void on_state_release(__u64 netmem)
-{
-	struct netmem_entry *e;
-
-	if (!sampled(netmem))
-		return;
-	e = netmem_lookup(netmem);
-	if (!e)
-		return;
-	netmem_move(e, NETMEM_ST_NONE);
-	/* All of it: userspace skips pages of zeroed slots without looking into them. */
-	__builtin_memset(e, 0, sizeof(*e));
-}
-
-static __always_inline void on_pool_release(__u64 pool, __s32 inflight)
-{
-	/* The kernel frees the pool now; a new pool at this address starts from zero. */
-	if (inflight == 0)
-		bpf_map_delete_elem(&netmem_pools, &pool);
-}
 
 static __always_inline void on_driver_alloc(__u64 pool, __u64 netmem)
 {
@@ -816,74 +583,6 @@ static __always_inline void on_setsockopt_exit(long ret)
 	__sync_fetch_and_add(&s->dontneed_calls, 1);
 	__sync_fetch_and_add(&s->dontneed_errors, ret < 0);
 	__sync_fetch_and_add(&s->tokens_returned, freed);
-}
-
-/* ---- page_pool_state_hold ---- */
-SEC("tp_btf/page_pool_state_hold")
-int BPF_PROG(page_pool_state_hold__tp_btf, const struct page_pool *pool, __u64 netmem, __u32 hold)
-{
-	on_state_hold((__u64)pool, netmem);
-	return 0;
-}
-
-SEC("raw_tp/page_pool_state_hold")
-int BPF_PROG(page_pool_state_hold__raw_tp, const struct page_pool *pool, __u64 netmem, __u32 hold)
-{
-	on_state_hold((__u64)pool, netmem);
-	return 0;
-}
-
-SEC("tracepoint/page_pool/page_pool_state_hold")
-int page_pool_state_hold__tracepoint(struct trace_event_raw_page_pool_state_hold *ctx)
-{
-	on_state_hold((__u64)ctx->pool, ctx->netmem);
-	return 0;
-}
-
-/* ---- page_pool_state_release ---- */
-SEC("tp_btf/page_pool_state_release")
-int BPF_PROG(page_pool_state_release__tp_btf, const struct page_pool *pool, __u64 netmem,
-	     __u32 release)
-{
-	on_state_release(netmem);
-	return 0;
-}
-
-SEC("raw_tp/page_pool_state_release")
-int BPF_PROG(page_pool_state_release__raw_tp, const struct page_pool *pool, __u64 netmem,
-	     __u32 release)
-{
-	on_state_release(netmem);
-	return 0;
-}
-
-SEC("tracepoint/page_pool/page_pool_state_release")
-int page_pool_state_release__tracepoint(struct trace_event_raw_page_pool_state_release *ctx)
-{
-	on_state_release(ctx->netmem);
-	return 0;
-}
-
-/* ---- page_pool_release: forget a freed pool's counters ---- */
-SEC("tp_btf/page_pool_release")
-int BPF_PROG(page_pool_release__tp_btf, const struct page_pool *pool, __s32 inflight)
-{
-	on_pool_release((__u64)pool, inflight);
-	return 0;
-}
-
-SEC("raw_tp/page_pool_release")
-int BPF_PROG(page_pool_release__raw_tp, const struct page_pool *pool, __s32 inflight)
-{
-	on_pool_release((__u64)pool, inflight);
-	return 0;
-}
-
-SEC("tracepoint/page_pool/page_pool_release")
-int page_pool_release__tracepoint(struct trace_event_raw_page_pool_release *ctx)
-{
-	on_pool_release((__u64)ctx->pool, ctx->inflight);
-	return 0;
 }
 
 /* ---- netif_receive_skb: driver -> stack (after GRO, every receive path) ---- */

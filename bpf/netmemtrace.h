@@ -119,7 +119,7 @@ struct zc_counters {
 	__u64 rx_calls;			/* getsockopt(TCP_ZEROCOPY_RECEIVE) */
 	__u64 rx_errors;		/* ... returning < 0 (bad fd, bad pointer, EIO, ...) */
 	__u64 rx_mapped_bytes;		/* zc.length on success: mapped into the process */
-	__u64 rx_copied_bytes;		/* zc.copybuf_len on success: copied through copybuf */
+	__u64 rx_copied_bytes;		/* received by copy on sockets used for zerocopy: copybuf + recv */
 	__u64 rx_skip_hint_bytes;	/* zc.recv_skip_hint summed: left for a normal recv */
 	__u64 rx_sock_errors;		/* zc.err != 0 (pending socket error reported in-band) */
 	__u64 rx_read_faults;		/* the result could not be read back from user memory */

@@ -8,6 +8,10 @@
  * kernel. The hot path (state_hold/state_release, per page from/to the allocator)
  * does one per-CPU array lookup, which the kernel inlines; everything else happens on
  * the slow path.
+ *
+ * The page_pool tracepoint programs also do the netmem domain's part
+ * (netmem_table.bpf.h): one program per event, not one per domain, since each program
+ * invocation costs as much as the work of both.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -15,6 +19,7 @@
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
 #include "common.bpf.h"
+#include "netmem_table.bpf.h"
 
 #define POOL_SLOT_BITS 12
 #define MAX_POOLS (1 << POOL_SLOT_BITS)
@@ -321,44 +326,67 @@ static __always_inline int on_destroy(const struct page_pool *pool)
  */
 
 /* ---- page_pool_state_hold ---- */
+static __always_inline int state_hold(const struct page_pool *pool, __u64 netmem, __u32 hold)
+{
+	on_state_hold(pool, netmem, hold);
+	netmem_on_state_hold((__u64)pool, netmem);
+	return 0;
+}
+
 SEC("raw_tp/page_pool_state_hold")
 int BPF_PROG(page_pool_state_hold__raw_tp, const struct page_pool *pool, __u64 netmem, __u32 hold)
 {
-	return on_state_hold(pool, netmem, hold);
+	return state_hold(pool, netmem, hold);
 }
 
 SEC("tracepoint/page_pool/page_pool_state_hold")
 int page_pool_state_hold__tracepoint(struct trace_event_raw_page_pool_state_hold *ctx)
 {
-	return on_state_hold(ctx->pool, ctx->netmem, ctx->hold);
+	return state_hold(ctx->pool, ctx->netmem, ctx->hold);
 }
 
 /* ---- page_pool_state_release ---- */
+static __always_inline int state_release(const struct page_pool *pool, __u64 netmem,
+					 __u32 release)
+{
+	on_state_release(pool, netmem, release);
+	netmem_on_state_release(netmem);
+	return 0;
+}
+
 SEC("raw_tp/page_pool_state_release")
 int BPF_PROG(page_pool_state_release__raw_tp, const struct page_pool *pool, __u64 netmem,
 	     __u32 release)
 {
-	return on_state_release(pool, netmem, release);
+	return state_release(pool, netmem, release);
 }
 
 SEC("tracepoint/page_pool/page_pool_state_release")
 int page_pool_state_release__tracepoint(struct trace_event_raw_page_pool_state_release *ctx)
 {
-	return on_state_release(ctx->pool, ctx->netmem, ctx->release);
+	return state_release(ctx->pool, ctx->netmem, ctx->release);
 }
 
 /* ---- page_pool_release ---- */
+static __always_inline int pool_release(const struct page_pool *pool, __s32 inflight,
+					__u32 hold, __u32 release)
+{
+	on_release(pool, inflight, hold, release);
+	netmem_on_pool_release((__u64)pool, inflight);
+	return 0;
+}
+
 SEC("raw_tp/page_pool_release")
 int BPF_PROG(page_pool_release__raw_tp, const struct page_pool *pool, __s32 inflight, __u32 hold,
 	     __u32 release)
 {
-	return on_release(pool, inflight, hold, release);
+	return pool_release(pool, inflight, hold, release);
 }
 
 SEC("tracepoint/page_pool/page_pool_release")
 int page_pool_release__tracepoint(struct trace_event_raw_page_pool_release *ctx)
 {
-	return on_release(ctx->pool, ctx->inflight, ctx->hold, ctx->release);
+	return pool_release(ctx->pool, ctx->inflight, ctx->hold, ctx->release);
 }
 
 /* ---- page_pool_update_nid ---- */

@@ -39,6 +39,7 @@
 #define TCP_ZEROCOPY_RECEIVE 35
 #define SO_EE_ORIGIN_ZEROCOPY 5
 #define SO_EE_CODE_ZEROCOPY_COPIED 1
+#define MSG_PEEK 2
 #define MSG_ERRQUEUE 0x2000
 #define MSG_ZEROCOPY 0x4000000
 #define MADV_FREE 8
@@ -146,6 +147,19 @@ struct {
  * a map of its own, which tests read.
  */
 __u64 pending_threads SEC(".data.pending");
+
+/*
+ * Sockets a process received TCP_ZEROCOPY_RECEIVE mappings on -> that process: bytes it then
+ * reads from them by copy (the recv_skip_hint remainder, read()/recv()) are rx_copied_bytes.
+ * LRU: a socket closed long ago ages out; its address reused by another process's socket
+ * does not match the tgid.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} zc_rx_socks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -339,6 +353,7 @@ static __always_inline int on_enter(__u64 nr, const __u64 *a)
 	__builtin_memcpy(p.args, a, sizeof(p.args));
 	if (nr == NR_getsockopt) {
 		sk = sock_of_fd(a[0]);
+		p.sk = (__u64)sk;
 		if (sk)
 			p.zap_len = zc_zap_len(sk, a[3], a[4]);
 	}
@@ -391,6 +406,8 @@ static __always_inline void exit_getsockopt(const struct zc_pending *p, long ret
 		c->rx_read_faults += 1;
 		return;
 	}
+	if (p->sk)
+		bpf_map_update_elem(&zc_rx_socks, &p->sk, &tgid, BPF_ANY);
 	c->rx_mapped_bytes += zc.length;
 	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, recv_skip_hint))
 		c->rx_skip_hint_bytes += zc.recv_skip_hint;
@@ -546,6 +563,28 @@ static __always_inline int on_exit(__u64 nr, long ret)
 	}
 	/* Consumed, or left by a call whose exit was not seen: nothing pending either way. */
 	pending_clear(p);
+	return 0;
+}
+
+/*
+ * A receive by copy (recv, read, recvmsg: any path through sock_recvmsg) of ret bytes: counted
+ * as copied when the socket is one this process used TCP_ZEROCOPY_RECEIVE on. Peeks leave
+ * the data queued and are not counted.
+ */
+static __always_inline int on_recv_copied(__u64 sk, int ret, int flags)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct zc_counters *c;
+	__u32 *owner;
+
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return 0;
+	owner = bpf_map_lookup_elem(&zc_rx_socks, &sk);
+	if (!owner || *owner != tgid)
+		return 0;
+	c = counters_get(tgid, false);
+	if (c)
+		c->rx_copied_bytes += ret;
 	return 0;
 }
 
@@ -709,6 +748,35 @@ SYSCALL_HOOKS(mmap, 6)
 SYSCALL_HOOKS(munmap, 2)
 SYSCALL_HOOKS(madvise, 3)
 SYSCALL_HOOKS(mremap, 5)
+
+/*
+ * ---- bytes received by copy: sock_recv_length (6.3+, once per receive on any socket, not a
+ * syscall event), else a function probe on tcp_recvmsg ----
+ */
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(recv_copied__tp_btf, struct sock *sk, int ret, int flags)
+{
+	return on_recv_copied((__u64)sk, ret, flags);
+}
+
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(recv_copied__raw_tp, struct sock *sk, int ret, int flags)
+{
+	return on_recv_copied((__u64)sk, ret, flags);
+}
+
+SEC("tracepoint/sock/sock_recv_length")
+int recv_copied__tracepoint(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return on_recv_copied((__u64)ctx->sk, ctx->ret, ctx->flags);
+}
+
+SEC("fexit/tcp_recvmsg")
+int BPF_PROG(recv_copied__fentry, struct sock *sk, struct msghdr *msg, size_t len, int flags,
+	     int *addr_len, int ret)
+{
+	return on_recv_copied((__u64)sk, ret, flags);
+}
 
 /* ---- sched_process_exit: every thread; the process is gone with its last ---- */
 SEC("tp_btf/sched_process_exit")

@@ -7,24 +7,34 @@ kptr_restrict hides its address (not root).
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Iterable
 
 _cache: dict[str, int | None] = {}
+_lock = threading.Lock()  # a lookup made while another thread scans waits for its scan
 
 
 def lookup(names: Iterable[str]) -> dict[str, int]:
     """name -> address for those of `names` the kernel lists (absent names are left out)."""
     wanted = set(names)
-    unknown = wanted - _cache.keys()
-    if unknown:
-        found: dict[str, int] = {}
-        try:
-            with open("/proc/kallsyms") as f:
-                for line in f:
-                    addr, _, name = line.split(maxsplit=3)[:3]
-                    if name in unknown:
-                        found[name] = int(addr, 16)
-        except OSError:
-            pass
-        _cache.update((n, found.get(n)) for n in unknown)
+    with _lock:
+        _scan(wanted - _cache.keys())
     return {n: addr for n in wanted if (addr := _cache[n]) is not None}
+
+
+def _scan(unknown: set[str]) -> None:
+    """One pass over the file, the names matched by one regex (half the time of splitting
+    its ~120k lines in Python; a module symbol's line goes on with its [module])."""
+    if not unknown:
+        return
+    found: dict[str, int] = {}
+    names = b"|".join(re.escape(n.encode()) for n in sorted(unknown))
+    try:
+        with open("/proc/kallsyms", "rb") as f:
+            data = f.read()
+    except OSError:
+        data = b""
+    for m in re.finditer(rb"^([0-9a-f]+) \S (" + names + rb")(?=[\t\n])", data, re.M):
+        found.setdefault(m.group(2).decode(), int(m.group(1), 16))
+    _cache.update((n, found.get(n)) for n in unknown)

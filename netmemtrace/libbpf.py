@@ -89,6 +89,21 @@ class _TestRunOpts(ctypes.Structure):
     ]
 
 
+class _ProgLoadOpts(ctypes.Structure):
+    """The head of libbpf's struct bpf_prog_load_opts, up to attach_btf_id (sz says so)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_int),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+    ]
+
+
 class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64),
                 ("flags", ctypes.c_uint64)]
@@ -150,6 +165,7 @@ _declare("bpf_map__key_size", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__value_size", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__max_entries", ctypes.c_uint32, _c_void_p)
 _declare("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
+_declare("bpf_map__reuse_fd", ctypes.c_int, _c_void_p, ctypes.c_int)
 _declare("bpf_map__type", ctypes.c_int, _c_void_p)
 _declare("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p)
 _declare("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p,
@@ -161,6 +177,11 @@ _declare("bpf_map_lookup_batch", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_
 _declare("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int, ctypes.POINTER(_TestRunOpts))
 _declare("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _c_void_p,
          ctypes.POINTER(ctypes.c_uint32))
+_declare("btf__load_vmlinux_btf", _c_void_p)
+_declare("btf__find_by_name_kind", ctypes.c_int, _c_void_p, ctypes.c_char_p, ctypes.c_uint32)
+_declare("btf__free", None, _c_void_p)
+_declare("bpf_prog_load", ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+         ctypes.c_char_p, ctypes.c_size_t, _c_void_p)
 _declare("ring_buffer__new", _c_void_p, ctypes.c_int, _RB_SAMPLE_FN, _c_void_p, _c_void_p)
 _declare("ring_buffer__poll", ctypes.c_int, _c_void_p, ctypes.c_int)
 _declare("ring_buffer__consume", ctypes.c_int, _c_void_p)
@@ -177,24 +198,29 @@ _LIBBPF_WARN = 0
 class _LogCapture:
     """Routes libbpf's print callback into a buffer so errors can name the failing program.
 
-    libbpf prints through one global callback; loads happen under a lock, so one buffer serves.
-    """
+    libbpf prints through one global callback, from the thread that called it: one buffer
+    per thread lets objects load side by side (Session does)."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
         self.verbose = False
-        self.lock = threading.Lock()
+        self._local = threading.local()
         self._cb = _PRINT_FN(self._print)
         _lib.libbpf_set_print(self._cb)
 
+    @property
+    def lines(self) -> list[str]:
+        if not hasattr(self._local, "lines"):
+            self._local.lines = []
+        return self._local.lines
+
     def _print(self, level: int, fmt: bytes, args: int) -> int:
+        if not (self.verbose or level == _LIBBPF_WARN):
+            return 0  # formatting costs more than the rest of a load's logging
         # The message is a printf format plus a va_list; formatting it in Python is not
         # possible portably, so vsnprintf from libc does it.
         buf = ctypes.create_string_buffer(4096)
         _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
-        line = buf.value.decode(errors="replace").rstrip("\n")
-        if self.verbose or level == _LIBBPF_WARN:
-            self.lines.append(line)
+        self.lines.append(buf.value.decode(errors="replace").rstrip("\n"))
         return 0
 
     def take(self) -> str:
@@ -458,10 +484,9 @@ class Object:
         opts = _OpenOpts(sz=ctypes.sizeof(_OpenOpts))
         if btf_path:
             opts.btf_custom_path = btf_path.encode()
-        with _log.lock:
-            _log.take()
-            self._obj = _check_ptr(_lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
-                                   f"open {path}")
+        _log.take()
+        self._obj = _check_ptr(_lib.bpf_object__open_file(path.encode(), ctypes.byref(opts)),
+                               f"open {path}")
         self.programs: dict[str, Program] = {}
         prog = _lib.bpf_object__next_program(self._obj, None)
         while prog:
@@ -480,18 +505,23 @@ class Object:
         ptr = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
         _check_rc(_lib.bpf_map__set_max_entries(ptr, n), f"max_entries of {name}")
 
+    def reuse_map(self, name: str, other: Map) -> None:
+        """Before load: this object's map `name` is `other` (of an object loaded earlier)."""
+        ptr = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not ptr:
+            raise LibbpfError(f"map {name} not in {self.path}", errno.ENOENT)
+        _check_rc(_lib.bpf_map__reuse_fd(ptr, other.fd), f"reuse map {name}")
+
     def load(self) -> None:
-        with _log.lock:
-            _log.take()
-            _check_rc(_lib.bpf_object__load(self._obj), f"load {os.path.basename(self.path)}")
-            _log.take()
+        _log.take()
+        _check_rc(_lib.bpf_object__load(self._obj), f"load {os.path.basename(self.path)}")
+        _log.take()
 
     def attach(self, name: str) -> Link:
         prog = self.programs[name]
-        with _log.lock:
-            _log.take()
-            ptr = _lib.bpf_program__attach(prog.ptr)
-            link = Link(_check_ptr(ptr, f"attach {name}"), prog)
+        _log.take()
+        ptr = _lib.bpf_program__attach(prog.ptr)
+        link = Link(_check_ptr(ptr, f"attach {name}"), prog)
         self.links.append(link)
         return link
 
@@ -518,6 +548,36 @@ class Object:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_BPF_PROG_TYPE_TRACING = 26
+_BPF_TRACE_FENTRY = 24
+_BTF_KIND_FUNC = 12
+# r0 = 0; exit
+_RETURN_ZERO = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+
+
+def fentry_load_errno(function: str) -> int:
+    """Load (never attach) an empty fentry program on a kernel function: 0 if the kernel
+    takes it, else the errno (ENOENT: the function is not in the kernel's BTF). One small
+    program instead of a whole object that a refusal would make the loader load again."""
+    btf = _lib.btf__load_vmlinux_btf()
+    if not btf or _lib.libbpf_get_error(btf):
+        return errno.ENOENT
+    try:
+        btf_id = _lib.btf__find_by_name_kind(btf, function.encode(), _BTF_KIND_FUNC)
+        if btf_id < 0:
+            return errno.ENOENT
+        opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts),
+                             expected_attach_type=_BPF_TRACE_FENTRY, attach_btf_id=btf_id)
+        fd = _lib.bpf_prog_load(_BPF_PROG_TYPE_TRACING, b"nmt_fentry_probe", b"GPL",
+                                _RETURN_ZERO, len(_RETURN_ZERO) // 8, ctypes.byref(opts))
+        if fd < 0:
+            return -fd
+        os.close(fd)
+        return 0
+    finally:
+        _lib.btf__free(btf)
 
 
 def failed_program(log: str, candidates: Iterator[str]) -> str | None:

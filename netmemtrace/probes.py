@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,22 @@ def _lockdown_mode() -> str | None:
 # Mechanisms this kernel refuses outright (e.g. fentry under lockdown), learnt from the first
 # refusal: later objects skip them instead of paying a failed load and a reload each.
 _denied_mechanisms: dict[str, str] = {}
+_fentry_probe_lock = threading.Lock()
+_fentry_probed = False
+
+
+def _fentry_refused(target: str) -> str | None:
+    """Whether this kernel refuses fentry programs, found once by loading an empty one on
+    the first fentry target: a refusal found by loading an object costs a reload."""
+    global _fentry_probed
+    with _fentry_probe_lock:
+        if not _fentry_probed:
+            err = libbpf.fentry_load_errno(target)
+            if err == errno.EPERM:
+                _denied_mechanisms["fentry"] = failure_reason(
+                    Candidate("fentry", "", target), err, "load")
+            _fentry_probed = err != errno.ENOENT  # that target only: probe with the next
+    return _denied_mechanisms.get("fentry")
 
 
 def static_check(cand: Candidate, btf_path: str | None) -> str | None:
@@ -153,12 +170,15 @@ def static_check(cand: Candidate, btf_path: str | None) -> str | None:
         if not (TRACEFS / "events" / target / "id").exists():
             return f"tracepoint {target} not in this kernel"
     elif mech in ("fentry", "kprobe"):
-        if not kallsyms.lookup([target]):
-            return f"symbol {target} not found in /proc/kallsyms"
+        # The checks that need no /proc/kallsyms scan first (Session scans it meanwhile).
         if mech == "fentry" and not VMLINUX_BTF.exists():
             return "fentry needs /sys/kernel/btf/vmlinux"
+        if mech == "fentry" and (refused := _fentry_refused(target)):
+            return refused
         if mech == "kprobe" and not KPROBE_PMU.exists():
             return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
+        if not kallsyms.lookup([target]):
+            return f"symbol {target} not found in /proc/kallsyms"
     return None
 
 
@@ -199,13 +219,15 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
                 force: str | None = None, attach: bool = True,
                 max_entries: dict[str, int] | None = None,
                 disabled: dict[str, str] | None = None,
-                replaced: dict[str, str] | None = None) -> LoadedObject:
+                replaced: dict[str, str] | None = None,
+                reuse: dict[str, libbpf.Map] | None = None) -> LoadedObject:
     """Open, load and attach an object, falling back per hook to the next mechanism.
 
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
     disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
     replaced: hook -> which other hooks do its work instead; not loaded either.
+    reuse: map name -> a map of an object loaded before, which this object shares.
     """
     hooks = read_catalogue(path, btf_path)
     for kind, off in ((OFF_CHOICE, disabled), (OFF_REPLACED, replaced)):
@@ -229,6 +251,8 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
         obj = libbpf.Object(path, btf_path)
         for tbl, n in (max_entries or {}).items():
             obj.set_max_entries(tbl, n)
+        for tbl, shared in (reuse or {}).items():
+            obj.reuse_map(tbl, shared)
         chosen = {h.name: h.next_candidate() for h in hooks.values()}
         selected = {c.program for c in chosen.values() if c}
         for prog in obj.programs.values():

@@ -4,7 +4,9 @@ the maps into one immutable Snapshot per read(). The only place views' data come
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
+import functools
 import os
 import socket
 import sys
@@ -21,6 +23,7 @@ from .collect.netmem import (
     HEAD_PAGE_SYMBOLS,
     NetmemReader,
     sample_threshold,
+    shared_maps,
 )
 from .collect.pagepool import PagePoolReader
 from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
@@ -67,28 +70,14 @@ class Session:
         # The netns broker open_session started (netns_broker.py); stopped in close().
         self.broker: netns_broker.Broker | None = None
         try:
-            # Every kernel symbol any object or reader asks about, in one /proc/kallsyms scan.
-            kallsyms.lookup(set().union(
-                *(probes.function_targets(probes.read_catalogue(str(path), btf_path))
-                  for name in OBJECTS if (path := abi.BPF_OBJ_DIR / f"{name}.bpf.o").exists()),
-                resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
-            for name in OBJECTS:
-                try:
-                    self.loaded.append(
-                        zerocopy.load_object(btf_path) if name == "zerocopy" else
-                        probes.load_object(
-                            name, str(abi.object_path(name)), btf_path=btf_path,
-                            disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
-                except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
-                    self.failed.append(probes.ProbeStatus(
-                        name, "(object)", None, False, f"object not loaded: {exc}"))
+            self._load_objects(btf_path, netmem_stack)
             if not any(s.attached for s in self.probe_status()):
                 raise probes.SetupError("no probe could attach: see `netmemtrace probes`"
                                         + "".join(f"; {f.reason}" for f in self.failed))
             lo = {o.name: o for o in self.loaded}
             self._pagepool = PagePoolReader(lo["pagepool"].obj) if "pagepool" in lo else None
-            self._netmem = NetmemReader(lo["netmem"], netmem_sample) if "netmem" in lo \
-                else None
+            self._netmem = NetmemReader(lo["netmem"], netmem_sample, lo.get("pagepool")) \
+                if "netmem" in lo else None
             if "memcg" in lo and "zerocopy" in lo:
                 # Owns a ring-buffer thread (the zerocopy ledger), started by
                 # start_threads() or the first read(); stopped in close().
@@ -105,6 +94,61 @@ class Session:
         except BaseException:
             self.close()
             raise
+
+    def _load_objects(self, btf_path: str | None, netmem_stack: bool) -> None:
+        """Load every object, two at a time: the verifier runs in the loading thread, so
+        loads overlap on two cores (start-up, bench part 3). The netmem object loads after
+        the pagepool object, whose maps it shares; the /proc/kallsyms scan runs beside."""
+        def one(name: str, reuse: dict[str, libbpf.Map] | None = None
+                ) -> probes.LoadedObject | probes.ProbeStatus:
+            try:
+                if name == "zerocopy":
+                    return zerocopy.load_object(btf_path)
+                return probes.load_object(
+                    name, str(abi.object_path(name)), btf_path=btf_path, reuse=reuse,
+                    disabled=None if netmem_stack or name != "netmem" else STACK_OFF)
+            except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
+                return probes.ProbeStatus(name, "(object)", None, False,
+                                          f"object not loaded: {exc}")
+
+        def pool_then_netmem() -> list[probes.LoadedObject | probes.ProbeStatus]:
+            pool = one("pagepool")
+            # One netmem table, filled by the pagepool object's programs.
+            return [pool, one("netmem", shared_maps(pool)
+                              if isinstance(pool, probes.LoadedObject) else None)]
+
+        def symbols() -> list[probes.LoadedObject | probes.ProbeStatus]:
+            # Every kernel symbol any object or reader asks about, in one scan.
+            kallsyms.lookup(set().union(
+                *(probes.function_targets(probes.read_catalogue(str(path), btf_path))
+                  for name in OBJECTS if (path := abi.BPF_OBJ_DIR / f"{name}.bpf.o").exists()),
+                resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
+            return []
+
+        tasks = [symbols] + [
+            pool_then_netmem if name == "pagepool" and "netmem" in OBJECTS
+            else functools.partial(lambda n: [one(n)], name)
+            # Reversed: the holders object (iterators) takes longest to verify; start it first.
+            for name in reversed(OBJECTS) if name != "netmem" or "pagepool" not in OBJECTS]
+        # The pool's threads are gone once it is shut down, before the capability drop
+        # (which requires every thread of the process to drop).
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(task) for task in tasks]
+        done: dict[str, probes.LoadedObject | probes.ProbeStatus] = {}
+        errors = []
+        for f in futures:
+            try:
+                done.update((r.name if isinstance(r, probes.LoadedObject) else r.object, r)
+                            for r in f.result())
+            except BaseException as exc:  # noqa: PERF203 (every loaded object is kept to close)
+                errors.append(exc)
+        for name in OBJECTS:
+            if isinstance(r := done.get(name), probes.LoadedObject):
+                self.loaded.append(r)
+            elif r is not None:
+                self.failed.append(r)
+        if errors:
+            raise errors[0]
 
     def start_threads(self) -> None:
         """Start the collectors' background threads (idempotent)."""

@@ -89,7 +89,7 @@ class ZerocopyStats:
     rx_errors: int                # ... that returned an error (bad fd/pointer, EIO, ...)
     rx_mapped_bytes: int          # bytes mapped into the process (zc.length), cumulative
     rx_mapped_pages: int
-    rx_copied_bytes: int          # bytes copied through the copybuf (zc.copybuf_len)
+    rx_copied_bytes: int          # received by copy on zerocopy sockets: copybuf + recv/read
     rx_skip_hint_bytes: int       # zc.recv_skip_hint summed: bytes left for a normal read
     rx_sock_errors: int           # calls that reported a socket error in zc.err
     rx_read_faults: int           # results netmemtrace could not read back from user memory

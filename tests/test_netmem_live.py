@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, flush_deferred_skbs
 
 from netmemtrace import abi, demo, probes
-from netmemtrace.collect.netmem import NetmemReader
+from netmemtrace.collect.netmem import NetmemReader, shared_maps
 from netmemtrace.collect.pagepool import PagePoolReader
 from netmemtrace.snapshot import DevmemSocket, NetmemSummary, Unavailable
 
@@ -104,9 +104,10 @@ def test_veth_pool_tracked_netmem_match_kernel_inflight(xdp_frags: Path) -> None
     frags enter the stack through netif_receive_skb; and the per-state counts the
     transitions imply agree with the states of the tracked entries."""
     pagepool = probes.load_object("pagepool", str(abi.object_path("pagepool")))
-    lo = probes.load_object("netmem", str(abi.object_path("netmem")))
+    lo = probes.load_object("netmem", str(abi.object_path("netmem")),
+                            reuse=shared_maps(pagepool))
     try:
-        reader, pools = NetmemReader(lo, 1), PagePoolReader(pagepool.obj)
+        reader, pools = NetmemReader(lo, 1, pagepool), PagePoolReader(pagepool.obj)
         with demo.VethTopology() as topo:
             _jumbo_frames(topo, xdp_frags)
             assert demo.tcp_stream(topo, 32 << 20) == 32 << 20

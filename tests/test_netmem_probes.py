@@ -14,15 +14,16 @@ from netmemtrace.collect.netmem import (
     APP_HOOKS,
     ARGS_HOOKS,
     CORE_HOOKS,
+    POOL_OBJECT_HOOKS,
     STATES,
     TYPES,
     head_pages_resolvable,
+    shared_maps,
     unavailable_states,
 )
 
 OBJ = str(abi.object_path("netmem"))
-TRACEPOINT_HOOKS = {"page_pool_state_hold", "page_pool_state_release", "page_pool_release",
-                    "netif_receive_skb", "tcp_destroy_sock"}
+TRACEPOINT_HOOKS = {"netif_receive_skb", "tcp_destroy_sock"}
 SYSCALL_HOOKS = {"recvmsg_enter", "recvmsg_exit", "setsockopt_enter", "setsockopt_exit"}
 FUNCTION_HOOKS = {"page_pool_alloc_netmems", "page_pool_put_unrefed_netmem", "napi_pp_put_page",
                   "tcp_recvmsg_dmabuf", "sock_devmem_dontneed", "sock_devmem_dontneed_exit",
@@ -43,10 +44,14 @@ def test_catalogue() -> None:
     assert set(mechs) == TRACEPOINT_HOOKS | SYSCALL_HOOKS | FUNCTION_HOOKS | set(
         ARGS_HOOKS.values())
     assert hooks["tcp_recvmsg_dmabuf"].candidates[1].tracepoint == "tcp_recvmsg_dmabuf"
-    # Every hook that a state depends on is in the object.
+    # Every hook that a state depends on is in the object, or (the page_pool tracepoints,
+    # one program per event for both domains) in the pagepool object, which has no other
+    # program on those tracepoints.
     needed = {h for hs in CORE_HOOKS.values() for h in hs} | {
         h for hs in APP_HOOKS.values() for h in hs}
-    assert needed <= set(mechs)
+    assert needed - set(mechs) <= set(POOL_OBJECT_HOOKS)
+    assert set(POOL_OBJECT_HOOKS) <= set(probes.read_catalogue(str(abi.object_path(
+        "pagepool"))))
 
 
 @pytest.mark.live
@@ -73,12 +78,15 @@ def test_kprobe_variants_pass_the_verifier() -> None:
 
 @pytest.mark.live
 def test_function_probes_fall_back_and_states_say_why() -> None:
-    lo = probes.load_object("netmem", OBJ)
+    pool_lo = probes.load_object("pagepool", str(abi.object_path("pagepool")))
+    lo = probes.load_object("netmem", OBJ, reuse=shared_maps(pool_lo))
     try:
-        status = {s.hook: s for s in lo.status()}
+        status = {s.hook: s for s in pool_lo.status() if s.hook in POOL_OBJECT_HOOKS}
+        status.update({s.hook: s for s in lo.status()})
     finally:
         lo.close()
-    for name in TRACEPOINT_HOOKS | SYSCALL_HOOKS:
+        pool_lo.close()
+    for name in TRACEPOINT_HOOKS | SYSCALL_HOOKS | set(POOL_OBJECT_HOOKS):
         assert status[name].attached, (name, status[name].reason)
     unattached = {n for n in FUNCTION_HOOKS if not status[n].attached}
     if not probes.KPROBE_PMU.exists():

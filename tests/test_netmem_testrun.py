@@ -23,11 +23,14 @@ from workloads.devmem_calls import MSG_SOCK_DEVMEM, SCM_DEVMEM_DMABUF, SO_DEVMEM
 from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import (
     HASH_MUL,
+    POOL_OBJECT_HOOKS,
+    SHARED_MAPS,
     NetmemReader,
     Tracked,
     enum_values,
     is_sampled,
     pool_states,
+    shared_maps,
     slot_mask,
 )
 from netmemtrace.snapshot import DevmemSocket
@@ -43,14 +46,27 @@ OPS = enum_values("netmem_replay_op", "NETMEM_REPLAY_")
 SO_DEVMEM_LINEAR = 78
 
 
+def map_id(fd: int) -> int:
+    """The kernel's id of the map behind an fd (from /proc/self/fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+
+
 class Harness:
-    def __init__(self, lo: probes.LoadedObject, sample_n: int) -> None:
+    """The netmem object sharing its maps with a pagepool object, as a Session loads them:
+    page_pool tracepoint hooks run the pagepool object's programs (which do both domains'
+    work), the rest the netmem object's."""
+
+    def __init__(self, pool_lo: probes.LoadedObject, lo: probes.LoadedObject,
+                 sample_n: int) -> None:
+        self.pool_lo = pool_lo
         self.lo = lo
-        self.reader = NetmemReader(lo, sample_n)
+        self.reader = NetmemReader(lo, sample_n, pool_lo)
 
     def run(self, hook: str, *values: int) -> None:
         ctx = struct.pack(f"<{len(values)}Q", *(v & (2**64 - 1) for v in values))
-        assert self.lo.obj.programs[f"{hook}__raw_tp"].test_run(ctx) == 0
+        owner = self.pool_lo if hook in POOL_OBJECT_HOOKS else self.lo
+        assert owner.obj.programs[f"{hook}__raw_tp"].test_run(ctx) == 0
 
     def replay(self, op: str, a: int = 0, b: int = 0, c: int = 0) -> None:
         ctx = struct.pack("<4Q", *(v & (2**64 - 1) for v in (OPS[op.lower()], a, b, c)))
@@ -78,13 +94,26 @@ class Harness:
         return abi.decode(abi.btf("netmem").struct("devmem_socket"), raw).tracked_app
 
 
-def _harness(sample_n: int, max_entries: dict[str, int] | None = None) -> Iterator[Harness]:
-    lo = probes.load_object("netmem", str(abi.object_path("netmem")), force="raw_tp",
-                            attach=False, max_entries=max_entries)
+def _load_pair(max_entries: dict[str, int] | None = None
+               ) -> tuple[probes.LoadedObject, probes.LoadedObject]:
+    pool_lo = probes.load_object("pagepool", str(abi.object_path("pagepool")), force="raw_tp",
+                                 attach=False, max_entries=max_entries)
     try:
-        yield Harness(lo, sample_n)
+        return pool_lo, probes.load_object("netmem", str(abi.object_path("netmem")),
+                                           force="raw_tp", attach=False,
+                                           reuse=shared_maps(pool_lo))
+    except BaseException:
+        pool_lo.close()
+        raise
+
+
+def _harness(sample_n: int, max_entries: dict[str, int] | None = None) -> Iterator[Harness]:
+    pool_lo, lo = _load_pair(max_entries)
+    try:
+        yield Harness(pool_lo, lo, sample_n)
     finally:
         lo.close()
+        pool_lo.close()
 
 
 @pytest.fixture
@@ -312,15 +341,29 @@ def test_slot_pair_overflow_evicts_and_is_counted() -> None:
 
 
 def test_nothing_is_tracked_before_userspace_configures_sampling() -> None:
-    lo = probes.load_object("netmem", str(abi.object_path("netmem")), force="raw_tp",
-                            attach=False)
+    pool_lo, lo = _load_pair()
     try:
         ctx = struct.pack("<3Q", POOL, PAGE, 1)
-        assert lo.obj.programs["page_pool_state_hold__raw_tp"].test_run(ctx) == 0
+        assert pool_lo.obj.programs["page_pool_state_hold__raw_tp"].test_run(ctx) == 0
         with lo.obj.map("netmems").mapped() as table:
             assert table[:] == bytes(len(table))
+        # The pagepool domain's part of the same program ran: the pool is counted.
+        assert len(pool_lo.obj.map("pools").items()) == 1
     finally:
         lo.close()
+        pool_lo.close()
+
+
+def test_objects_share_one_table_and_config() -> None:
+    """Each object's copy of the shared maps is the same kernel map: an entry the pagepool
+    object's program writes is read through the netmem object, and the config the reader
+    writes through the netmem object is what the pagepool object's program samples with."""
+    for harness in _harness(1):
+        harness.run("page_pool_state_hold", POOL, PAGE, 1)
+        for name in SHARED_MAPS:
+            a, b = harness.pool_lo.obj.map(name), harness.lo.obj.map(name)
+            assert map_id(a.fd) == map_id(b.fd), name
+        assert harness.state(PAGE) == "pool"
 
 
 def test_recorded_sequence_matches_the_userspace_model() -> None:

@@ -3,6 +3,7 @@ attach here, the `probes` table and the privilege error path."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO, bpf_prog_ids, prog_ids_held_by
 
-from netmemtrace import abi, probes
+from netmemtrace import abi, libbpf, probes
 from netmemtrace.cli import format_probes
 
 OBJ = str(abi.object_path("pagepool"))
@@ -65,7 +66,30 @@ def test_static_check_reasons(tmp_path, monkeypatch) -> None:
     (tmp_path / "events").mkdir()
     assert "not in this kernel" in probes.static_check(cand, None)
     fn = probes.Candidate("kprobe", "x__kprobe", "no_such_function_in_kernel")
+    monkeypatch.setattr(probes, "KPROBE_PMU", tmp_path)  # as if kprobes were there
     assert "not found in /proc/kallsyms" in probes.static_check(fn, None)
+
+
+@pytest.mark.live
+def test_fentry_refusal_is_found_without_loading_an_object(monkeypatch) -> None:
+    """The fentry check loads one empty program: on this kernel (EPERM) every fentry
+    candidate is ruled out before any object load, so no object is loaded twice."""
+    monkeypatch.setattr(probes, "_denied_mechanisms", {})
+    monkeypatch.setattr(probes, "_fentry_probed", False)
+    err = libbpf.fentry_load_errno("page_pool_destroy")
+    assert libbpf.fentry_load_errno("no_such_function_in_kernel") == errno.ENOENT
+    why = probes.static_check(probes.Candidate("fentry", "x__fentry", "page_pool_destroy"), None)
+    if err == errno.EPERM:
+        assert why is not None and "fentry denied: EPERM" in why
+        loads = []
+        real = libbpf.Object.load
+        monkeypatch.setattr(libbpf.Object, "load", lambda o: (loads.append(o.path), real(o)))
+        lo = probes.load_object("pagepool", OBJ)
+        lo.close()
+        assert loads == [OBJ]
+        assert "fentry denied: EPERM" in lo.hooks["page_pool_destroy"].reason
+    else:
+        assert err == 0 and why is None
 
 
 def test_probes_table_format() -> None:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from .. import abi, kallsyms, probes
+from .. import abi, kallsyms, libbpf, probes
 from ..snapshot import (
     DevmemSocket,
     HoldBucket,
@@ -37,6 +37,13 @@ from .cgroups import CgroupResolver
 from .zerocopy import comm_of
 
 OBJECT = "netmem"
+# The maps of bpf/netmem_table.bpf.h: the pagepool object's page_pool tracepoint programs
+# fill them, the netmem object's function probes move the same entries; the netmem object
+# reuses the pagepool object's (shared_maps()).
+CONFIG_MAP = ".data.netmem_config"
+SHARED_MAPS = ("netmems", "netmem_pools", "devmem_sockets", "netmem_stats", CONFIG_MAP)
+# Hooks run by the pagepool object's programs on the netmem domain's behalf.
+POOL_OBJECT_HOOKS = ("page_pool_state_hold", "page_pool_state_release", "page_pool_release")
 _PAGE = mmap.PAGESIZE
 _ZERO_PAGE = bytes(_PAGE)
 HASH_MUL = 0x9E3779B97F4A7C15      # netmem.bpf.c sampled(): Fibonacci hashing
@@ -138,7 +145,8 @@ def _unattached(name: str, status: Mapping[str, probes.ProbeStatus]) -> tuple[st
     """(hook, why) if a hook a state depends on is off; None if it works or is moot."""
     s = status.get(name)
     if s is None:
-        return name, "not in the netmem object"
+        return name, ("the pagepool object is not loaded" if name in POOL_OBJECT_HOOKS
+                      else "not in the netmem object")
     if s.attached:
         args = ARGS_HOOKS.get(name)
         if s.mechanism == "kprobe" and args and not status[args].attached:
@@ -272,12 +280,22 @@ def head_pages_resolvable() -> bool:
     return all(head_page_symbols())
 
 
-class NetmemReader:
-    """Configures a loaded netmem object's sampling and reads its maps into snapshots."""
+def shared_maps(pool_lo: probes.LoadedObject) -> dict[str, libbpf.Map]:
+    """load_object(reuse=...) for the netmem object: the pagepool object's netmem maps."""
+    return {name: pool_lo.obj.map(name) for name in SHARED_MAPS}
 
-    def __init__(self, lo: probes.LoadedObject, sample_n: int) -> None:
+
+class NetmemReader:
+    """Configures a loaded netmem object's sampling and reads its maps into snapshots.
+
+    pool_lo: the pagepool object whose maps the netmem object shares (its page_pool hooks
+    move netmem in and out of pools); None if it did not load."""
+
+    def __init__(self, lo: probes.LoadedObject, sample_n: int,
+                 pool_lo: probes.LoadedObject | None = None) -> None:
         btf = abi.btf(OBJECT)
         self._lo = lo
+        self._pool_lo = pool_lo
         self._entry_t = btf.struct("netmem_entry")
         self._counters_t = btf.struct("netmem_pool_counters")
         self._socket_t = btf.struct("devmem_socket")
@@ -287,7 +305,7 @@ class NetmemReader:
         self._pools = lo.obj.map("netmem_pools")
         self._sockets = lo.obj.map("devmem_sockets")
         self._stats = lo.obj.map("netmem_stats")
-        self._bss = lo.obj.map(".bss")
+        self._config = lo.obj.map(CONFIG_MAP)
         self._states = {v: k for k, v in enum_values("netmem_state", "NETMEM_ST_").items()}
         self._types = {v: k for k, v in enum_values("netmem_type", "NETMEM_TYPE_").items()}
         self._cgroups = CgroupResolver.for_memory()
@@ -299,15 +317,16 @@ class NetmemReader:
         cfg = self._config_t(sample_threshold=sample_threshold(sample_n), sample_n=sample_n,
                              page_offset_base_addr=pob, vmemmap_base_addr=vmb,
                              slot_mask=slot_mask(self._netmems.max_entries))
-        if self._bss.value_size != ctypes.sizeof(cfg):
-            raise abi.AbiError(f"netmem .bss is {self._bss.value_size} bytes, struct "
-                               f"netmem_config {ctypes.sizeof(cfg)}: it must hold only that")
-        self._bss.update(ctypes.c_uint32(0), bytes(cfg))
+        if self._config.value_size != ctypes.sizeof(cfg):
+            raise abi.AbiError(f"netmem {CONFIG_MAP} is {self._config.value_size} bytes, "
+                               f"struct netmem_config {ctypes.sizeof(cfg)}: it must hold only "
+                               "that")
+        self._config.update(ctypes.c_uint32(0), bytes(cfg))
 
     @property
     def sample_factor(self) -> int:
-        """The factor the kernel side uses now, read back from its .bss."""
-        raw = self._bss.lookup(ctypes.c_uint32(0))
+        """The factor the kernel side uses now, read back from its config map."""
+        raw = self._config.lookup(ctypes.c_uint32(0))
         assert raw is not None  # an array map always has key 0
         return abi.decode(self._config_t, raw).sample_n
 
@@ -358,7 +377,9 @@ class NetmemReader:
              ) -> tuple[list[PoolSnapshot], tuple[DevmemSocket, ...], NetmemSummary]:
         """Pools with their states and hold histograms, devmem sockets, and the summary."""
         factor = self.sample_factor
-        status = {s.hook: s for s in self._lo.status()}
+        pool_status = self._pool_lo.status() if self._pool_lo else []
+        status = {s.hook: s for s in pool_status if s.hook in POOL_OBJECT_HOOKS}
+        status.update({s.hook: s for s in self._lo.status()})
         missing = unavailable_states(status, head_pages_resolvable())
         tracked = self.tracked()
         if self._cgroups:
