@@ -55,6 +55,9 @@ def _cells(line: str) -> list[str]:
     return re.split(r"\s{2,}", line[2:].strip())
 
 
+TABLES = ("PAGE POOLS", "MEMORY CGROUPS", "DEVICES")
+
+
 def parse_frames(text: str) -> list[Frame]:
     """Split `top --batch` output into frames and their tables."""
     frames: list[Frame] = []
@@ -68,8 +71,8 @@ def parse_frames(text: str) -> list[Frame]:
             continue
         elif not line:
             table = None
-        elif line[2:].startswith(("PAGE POOLS", "MEMORY CGROUPS")) and line[0] in " >":
-            table = "PAGE POOLS" if "PAGE POOLS" in line else "MEMORY CGROUPS"
+        elif line[2:].startswith(TABLES) and line[0] in " >":
+            table = next(t for t in TABLES if line[2:].startswith(t))
             frames[-1].tables[table], frames[-1].marked[table], titles = [], [], []
         elif table is None:
             frames[-1].header.append(line)
@@ -193,7 +196,7 @@ def test_pool_row_columns() -> None:
     assert row == {
         "NETDEV": "eth0", "NETNS": "host", "POOL": "7", "NAPI": "-", "PROVIDER": "host",
         "MEM": "page", "INFLIGHT": "300", "BYTES": "1.2MiB", "HOLD/s": "-", "REL/s": "-",
-        "STATE": "active",
+        "RECYC/s": "n/a", "RECYC%": "n/a", "STATE": "active",
     }
 
 
@@ -341,6 +344,8 @@ def test_tab_moves_focus_and_keys_act_on_the_focused_table() -> None:
     top.handle_key(view, "\n")
     assert view.tables[1].filter == "eth1" and view.tables[0].filter == ""
     top.handle_key(view, "\t")
+    assert "\n> DEVICES" in top.batch_frame(snap, None, view)
+    top.handle_key(view, "\t")
     assert view.focus == 0
 
 
@@ -452,9 +457,10 @@ def test_screen_lines_fit_the_terminal(height: int) -> None:
     assert lines[-1] == (top.footer(view), top.HEADER)
     shown = [text for text, _ in lines if re.match(r"  eth\d+ ", text)]
     if height == 40:
-        # 40 - 4 header - 1 footer - 2 x (blank, title, column titles) - memcg note.
-        assert len(shown) == 28
-        assert any("(2 more below)" in text for text, _ in lines)
+        # 40 - 4 header - 1 footer - 3 x (blank, title, column titles) - memcg and
+        # devices notes.
+        assert len(shown) == 24
+        assert any("(6 more below)" in text for text, _ in lines)
         assert shown[0].startswith("  eth29 ")  # largest inflight first
 
 
