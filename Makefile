@@ -9,7 +9,7 @@ BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,netmemtrace/bpfobj/%.bpf.o,$(BPF_SRCS))
 BPF_ABI := $(BPF_OBJS:.o=.json)
 
-.PHONY: run test build deps venv lint bench clean
+.PHONY: run test build deps venv lint bench clean test-kernels kernel-deps
 
 run: build
 	# The main job: netmemtrace attached first, then the demo workload (veth + XDP + TCP)
@@ -53,6 +53,18 @@ netmemtrace/bpfobj/%.bpf.o: bpf/%.bpf.c bpf/netmemtrace.h bpf/common.bpf.h build
 # The ABI shared with Python: struct layouts straight from the object's BTF.
 netmemtrace/bpfobj/%.bpf.json: netmemtrace/bpfobj/%.bpf.o
 	bpftool btf dump file $< -j > $@
+
+# The kernel matrix (tests/kernels/): Debian's 6.1, 6.12, 7.2 and 7.3 booted under QEMU with
+# this checkout visible, the live suite inside each, one table. KERNELS="6.12 host" picks.
+KERNEL_PKGS := qemu-system-x86 busybox-static cpio zstd kmod
+KERNELS ?= 6.1 6.12 7.2 7.3 host
+kernel-deps:
+	@missing=""; for p in $(KERNEL_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+test-kernels: build kernel-deps
+	KERNELS="$(KERNELS)" $(PY) -m tests.kernels.matrix $(MATRIX_ARGS)
 
 lint: venv
 	$(PY) -m ruff check netmemtrace tests $(wildcard bench)
