@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     pools = explain.select_pools(snap, args.pool)
     if not pools:
         zombies = explain.select_pools(snap, None)
-        known = ", ".join(f"{p.pool_id or hex(p.pool_addr)} ({p.netdev})" for p in zombies)
+        known = ", ".join(f"{p.pool_id or hex(p.pool_addr or 0)} ({p.netdev})" for p in zombies)
         print(f"netmemtrace: no zombie page pool matches {args.pool!r}"
               if args.pool else "netmemtrace: no zombie page pool (every destroyed pool has "
               "released its pages)", file=sys.stderr)

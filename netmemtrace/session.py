@@ -25,8 +25,8 @@ from .collect.netmem import (
     sample_threshold,
     shared_maps,
 )
-from .collect.pagepool import PagePoolReader
-from .snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
+from .collect.pagepool import PagePoolReader, device_summaries
+from .snapshot import SelfStats, Snapshot, Unavailable
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(None)
@@ -170,9 +170,10 @@ class Session:
                 errors.append(f"{what}: {exc}")
                 return fallback
 
-        kernel_pools: dict[int, KernelPoolView] | Unavailable
+        kernel_pools: netlink.KernelView | Unavailable
         try:
-            kernel_pools = netlink.dump_page_pools()
+            kernel_pools = resolve.kernel_view()
+            errors.extend(f"netlink: netns {f}" for f in kernel_pools.failed)
         except Exception as exc:  # kernel < 6.8 has no netdev family: unavailable, not empty
             kernel_pools = Unavailable(f"netdev netlink page-pool-get failed: {exc}")
         pagepool, netmem_reader = self._pagepool, self._netmem
@@ -200,7 +201,8 @@ class Session:
             host=socket.gethostname(),
             kernel_release=os.uname().release,
             probes=tuple(self.probe_status()),
-            pools=tuple(sorted(pools, key=lambda p: (p.state != "zombie", p.pool_addr))),
+            pools=tuple(sorted(pools, key=lambda p: (p.state != "zombie", p.pool_addr or 0,
+                                                     p.pool_id or 0))),
             self_stats=SelfStats(
                 snapshot_build_ns=time.monotonic_ns() - start,
                 pool_map_full_total=stats.get("pool_map_full", 0),
@@ -213,6 +215,7 @@ class Session:
             memcg_self_stats=memcg_self,
             devmem_sockets=devmem_sockets,
             netmem=netmem,
+            devices=guarded("devices", lambda: device_summaries(pools), ()),
         )
 
     @property

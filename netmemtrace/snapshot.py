@@ -20,27 +20,75 @@ class Unavailable:
 
 
 @dataclass(frozen=True)
+class RecycleStats:
+    """A pool's page-pool-stats-get counters (CONFIG_PAGE_POOL_STATS), since its creation.
+    alloc_*: how the driver's page requests were served (fast: from the pool's cache; slow /
+    slow_high_order: from the page allocator, one count per call (a bulk call brings more
+    pages into the cache, served later as fast); refill: cache refilled from the ring, one
+    count per refill; empty: the ring was empty too; waive: a ring page of the wrong NUMA
+    node, freed). recycle_*: where a page the pool got back went (cached: straight into
+    the cache; ring: into the ring; ring_full: ring full, freed; released_refcnt: still
+    referenced elsewhere, freed; cache_full: the cache was full, so it went on to the ring)."""
+
+    alloc_fast: int
+    alloc_slow: int
+    alloc_slow_high_order: int
+    alloc_empty: int
+    alloc_refill: int
+    alloc_waive: int
+    recycle_cached: int
+    recycle_cache_full: int
+    recycle_ring: int
+    recycle_ring_full: int
+    recycle_released_refcnt: int
+
+
+@dataclass(frozen=True)
 class KernelPoolView:
     """What the kernel itself reports for a pool over the netdev netlink family."""
 
     inflight_pages: int | None
     inflight_bytes: int | None
-    detach_time_s: int | None
+    detach_time_s: int | None     # CLOCK_BOOTTIME seconds of page_pool_destroy(), if any
     dmabuf_id: int | None
+    ifindex: int | None = None    # None: listed on the loopback of `netns` (see netdev_source)
+    napi_id: int | None = None
+    io_uring: bool = False
+    netns: str | None = None      # the netns whose dump lists the pool
+    stats: RecycleStats | Unavailable = Unavailable("page-pool-stats-get not asked")
+
+
+@dataclass(frozen=True)
+class Recycling:
+    """A pool's recycling, from the kernel's page-pool-stats-get counters.
+
+    recycled_ratio = (recycle_cached + recycle_ring) / (recycle_cached + recycle_ring +
+    recycle_ring_full + recycle_released_refcnt): the share of the pages given back to the
+    pool that it kept for reuse. Every page given back is counted once in exactly one of
+    those four, and a page still out (in flight) is in none, so nothing is under-counted.
+    ynltool_ratio = (recycle_ring + recycle_cached) / (alloc_fast + alloc_refill +
+    alloc_slow), ynltool's own figure (it under-counts: its denominator includes pages
+    still in flight and pages not yet given back)."""
+
+    counters: RecycleStats
+    per_s: dict[str, float] | None      # each counter's rate since the previous read
+    recycled_ratio: float | None        # since the pool was created; None before a return
+    recycled_ratio_interval: float | None  # over the last read interval
+    ynltool_ratio: float | None
 
 
 @dataclass(frozen=True)
 class PoolSnapshot:
-    pool_addr: int
+    pool_addr: int | None          # None: listed by netlink only, no event seen since attach
     pool_id: int | None            # kernel pool id (netlink), None before 6.8
-    ifindex: int
+    ifindex: int                   # netdev / netns: the pool's real NIC, see netdev_source
     netdev: str | None
     netns: str | None             # "host", an `ip netns` name, or "net:[inode]"
     napi_id: int | None
     provider: str                 # host / dmabuf / io_uring / unknown(...)
-    page_order: int
-    page_size_bytes: int
-    numa_node: int
+    page_order: int | None         # None: not known (a netlink-only pool with nothing inflight)
+    page_size_bytes: int | None
+    numa_node: int | None
     state: str                    # active / zombie / released
     hold_pages_total: int         # page_pool_state_hold events seen since attach, pages
     hold_net_iovs_total: int      # ... of net_iov (devmem / io_uring) netmem
@@ -65,6 +113,16 @@ class PoolSnapshot:
     # zombie pools only (collect/holders.py): who holds the inflight pages; pages add up to
     # inflight_pages
     holders: tuple[Holder, ...] = ()
+    # where inflight_pages comes from: "netmemtrace" (the pool's own hold/release counters
+    # from the page_pool tracepoints) or "kernel" (netlink page-pool-get, used where
+    # netmemtrace's count cannot be known, e.g. an idle pool older than netmemtrace)
+    inflight_source: str = "netmemtrace"
+    # how netdev / ifindex / netns were found, and what the kernel lists the pool on when
+    # that differs (a pool re-parented to loopback after its NIC moved netns or went away)
+    netdev_source: str = "the pool's netdev"
+    listed_on: str | None = None
+    zombie_age_source: str | None = None  # "kernel detach-time" or "first page_pool_release"
+    recycling: Recycling | Unavailable = Unavailable("page-pool-stats-get not asked")
 
 
 @dataclass(frozen=True)
@@ -254,6 +312,36 @@ class NetmemSummary:
 
 
 @dataclass(frozen=True)
+class DeviceSummary:
+    """Per NIC, what the kernel's `ynltool page-pool stats` shows (from the kernel's netlink
+    figures of the pools it lists), then what it cannot show. pools / inflight cover every
+    listed pool, zombies included (ynltool's "page pools" and "refs")."""
+
+    netdev: str | None
+    ifindex: int
+    netns: str | None
+    listed_as: tuple[str, ...]    # how netlink lists the pools: "ifindex 2", "lo of host"
+    pools: int
+    zombies: int
+    inflight_pages: int
+    inflight_bytes: int
+    zombie_inflight_pages: int
+    zombie_inflight_bytes: int
+    alloc_slow: int | Unavailable  # ynltool's alloc slow: alloc_slow
+    alloc_fast: int | Unavailable  # ynltool's alloc fast: alloc_fast + alloc_refill
+    recycle_ring: int | Unavailable
+    recycle_cached: int | Unavailable
+    ynltool_recycling_pct: float | None | Unavailable
+    recycled_ratio: float | None | Unavailable  # Recycling.recycled_ratio, summed counters
+    # beyond ynltool
+    recycled_per_s: float | None | Unavailable  # cached + ring, since the previous read
+    returned_per_s: float | None | Unavailable  # cached + ring + ring_full + released_refcnt
+    unlisted_pools: int            # pools netlink does not list (veth, unlisted drivers)
+    unlisted_inflight_pages: int | Unavailable
+    zombie_holders_pages: dict[str, int]  # zombie pages by holder kind
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_monotonic_ns: int
     taken_unix_s: float
@@ -267,6 +355,7 @@ class Snapshot:
     memcg_self_stats: MemcgSelfStats | None = None
     devmem_sockets: tuple[DevmemSocket, ...] = ()  # sockets that used devmem TCP tokens
     netmem: NetmemSummary | Unavailable = Unavailable("netmem object not loaded")
+    devices: tuple[DeviceSummary, ...] = ()  # per NIC: ynltool page-pool stats and beyond
 
 
 # ---- holders of zombie pools' pages (collect/holders.py) ----

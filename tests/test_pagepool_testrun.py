@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from netmemtrace import abi
+from netmemtrace.collect.netlink import KernelView
 from netmemtrace.collect.pagepool import PagePoolReader
 from netmemtrace.snapshot import Unavailable
 
@@ -46,7 +47,7 @@ def owned_slots(lo) -> dict[int, int]:
 
 
 def pools_by_addr(lo) -> dict:
-    return {p.pool_addr: p for p in PagePoolReader(lo.obj).read(0, {})}
+    return {p.pool_addr: p for p in PagePoolReader(lo.obj).read(0, KernelView(()))}
 
 
 def test_page_and_net_iov_land_in_their_counters(raw_tp_pagepool) -> None:
@@ -113,7 +114,7 @@ def test_zombie_then_released_pool_is_retired(raw_tp_pagepool) -> None:
     assert released.release_calls == 2
     # The address is reused by a new pool: it starts from zero, not from the old counters.
     run(lo, "page_pool_state_hold", POOL_A, PAGE, 1)
-    live = [p for p in PagePoolReader(lo.obj).read(0, {}) if p.state == "active"]
+    live = [p for p in PagePoolReader(lo.obj).read(0, KernelView(())) if p.state == "active"]
     assert [(p.pool_addr, p.hold_pages_total) for p in live] == [(POOL_A, 1)]
 
 
@@ -135,8 +136,8 @@ def test_released_pool_is_forgotten_after_retention(raw_tp_pagepool) -> None:
     run(lo, "page_pool_release", POOL_B, 0, 1, 1)
     reader = PagePoolReader(lo.obj)
     now = time.monotonic_ns()
-    assert [p.state for p in reader.read(now, {})] == ["released"]
-    assert reader.read(now + RETAIN_RELEASED_NS + 10**9, {}) == []
+    assert [p.state for p in reader.read(now, KernelView(()))] == ["released"]
+    assert reader.read(now + RETAIN_RELEASED_NS + 10**9, KernelView(())) == []
     assert lo.obj.map("retired_pools").items() == []
 
 
@@ -146,7 +147,8 @@ def test_last_activity_is_dated_by_counter_changes(raw_tp_pagepool) -> None:
     reader = PagePoolReader(lo.obj)
 
     def age(now: int) -> int | None:
-        return next(p.last_event_age_ns for p in reader.read(now, {}) if p.pool_addr == POOL_A)
+        return next(p.last_event_age_ns for p in reader.read(now, KernelView(()))
+                    if p.pool_addr == POOL_A)
 
     assert age(1_000) is None          # first sight: when it last moved is unknown
     assert age(2_000) is None          # still unknown: nothing moved since

@@ -56,7 +56,7 @@ def _cells(line: str) -> list[str]:
     return re.split(r"\s{2,}", line[2:].strip())
 
 
-TABLES = ("PAGE POOLS", "MEMORY CGROUPS", "ZEROCOPY PROCESSES")
+TABLES = ("PAGE POOLS", "MEMORY CGROUPS", "ZEROCOPY PROCESSES", "DEVICES")
 
 
 def parse_frames(text: str) -> list[Frame]:
@@ -197,7 +197,7 @@ def test_pool_row_columns() -> None:
     assert row == {
         "NETDEV": "eth0", "NETNS": "host", "POOL": "7", "NAPI": "-", "PROVIDER": "host",
         "MEM": "page", "INFLIGHT": "300", "BYTES": "1.2MiB", "HOLD/s": "-", "REL/s": "-",
-        "STATE": "active",
+        "RECYC/s": "n/a", "RECYC%": "n/a", "STATE": "active",
     }
 
 
@@ -346,6 +346,8 @@ def test_tab_moves_focus_and_keys_act_on_the_focused_table() -> None:
     assert view.tables[1].filter == "eth1" and view.tables[0].filter == ""
     top.handle_key(view, "\t")
     assert view.focus == 2 and "\n> ZEROCOPY PROCESSES" in top.batch_frame(snap, None, view)
+    top.handle_key(view, "\t")
+    assert view.focus == 3 and "\n> DEVICES" in top.batch_frame(snap, None, view)
     top.handle_key(view, "\t")
     assert view.focus == 0
 
@@ -507,10 +509,10 @@ def test_screen_lines_fit_the_terminal(height: int) -> None:
     assert lines[-1] == (top.footer(view), top.HEADER)
     shown = [text for text, _ in lines if re.match(r"  eth\d+ ", text)]
     if height == 40:
-        # 40 - 4 header - 1 footer - 3 x (blank, title, column titles) - 2 notes
-        # (memcgs, processes).
-        assert len(shown) == 24
-        assert any("(6 more below)" in text for text, _ in lines)
+        # 40 - 4 header - 1 footer - 4 x (blank, title, column titles) - 3 notes
+        # (memcgs, processes, devices).
+        assert len(shown) == 20
+        assert any("(10 more below)" in text for text, _ in lines)
         assert shown[0].startswith("  eth29 ")  # largest inflight first
 
 

@@ -167,20 +167,6 @@ class Calibration:
 
 # ---- network namespaces ----
 
-def network_namespaces() -> dict[int, str]:
-    """inode -> a path that opens it, for every named netns and every process's netns."""
-    found: dict[int, str] = {}
-    named = sorted(str(p) for p in Path("/run/netns").glob("*")) \
-        if Path("/run/netns").is_dir() else []
-    procs = (f"/proc/{p}/ns/net" for p in os.listdir("/proc") if p.isdigit())
-    for path in (*named, *procs):
-        try:
-            found.setdefault(os.stat(path).st_ino, path)
-        except OSError:
-            continue  # process gone, or a dangling name
-    return found
-
-
 # ---- socket owners ----
 
 def socket_owners(inodes: set[int]) -> dict[int, list[int]]:
@@ -433,7 +419,7 @@ class HoldersCollector:
         socks: dict[int, ctypes.Structure] = {}
         failed: list[str] = []
         visited = 0
-        for path in network_namespaces().values():
+        for path in resolve.network_namespaces().values():
             try:
                 raw = self._socket_records("holders_tcp", path) + \
                     self._socket_records("holders_udp", path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 
 from .. import kallsyms, netns_broker
 from . import netlink
@@ -47,6 +48,47 @@ def netns_label(ino: int, names: dict[int, str], own_ino: int) -> str | None:
     return names.get(ino, f"net:[{ino}]")
 
 
+def network_namespaces() -> dict[int, str]:
+    """inode -> a path that opens it, for every named netns and every process's netns."""
+    found: dict[int, str] = {}
+    run_dir = Path(NETNS_RUN_DIR)
+    named = sorted(str(p) for p in run_dir.glob("*")) if run_dir.is_dir() else []
+    procs = (f"/proc/{p}/ns/net" for p in os.listdir("/proc") if p.isdigit())
+    for path in (*named, *procs):
+        try:
+            found.setdefault(os.stat(path).st_ino, path)
+        except OSError:
+            continue  # process gone, or a dangling name
+    return found
+
+
+def kernel_view() -> netlink.KernelView:
+    """The netdev family's page pools, recycling counters and NAPI ids, and the link names,
+    in every network namespace (netlink dumps answer for the socket's netns only).
+
+    The sockets are made per call and closed: a socket pins its netns, and a netns kept
+    alive by netmemtrace would keep its pools (and zombies) alive too. A netns that cannot
+    be entered is named in `failed`. Raises when our own netns cannot be dumped (kernel
+    without the netdev family: < 6.8)."""
+    own = own_netns_inode()
+    names = netns_names()
+    views = [netlink.netns_view("host", None, None)]
+    failed = []
+    for ino, path in sorted(network_namespaces().items()):
+        if ino == own:
+            continue
+        label = netns_label(ino, names, own) or path
+        try:
+            genl = socket.socket(fileno=netns_broker.fd_in_netns(
+                path, netns_broker.NETLINK, netns_broker.NETLINK_GENERIC))
+            with genl, socket.socket(fileno=netns_broker.fd_in_netns(
+                    path, netns_broker.NETLINK, netns_broker.NETLINK_ROUTE)) as route:
+                views.append(netlink.netns_view(label, genl, route))
+        except Exception as exc:  # gone meanwhile, not enterable: the rest still count
+            failed.append(f"{label}: {exc}")
+    return netlink.KernelView(tuple(views), tuple(failed))
+
+
 def link_names(ns_name: str | None) -> dict[int, str]:
     """ifindex -> current netdev name inside a named netns (None: ours).
 
@@ -59,7 +101,8 @@ def link_names(ns_name: str | None) -> dict[int, str]:
         return netlink.link_names()
     fd = netns_broker.fd_in_netns(os.path.join(NETNS_RUN_DIR, ns_name), netns_broker.NETLINK,
                                   netns_broker.NETLINK_ROUTE)
-    return netlink.link_names(socket.socket(fileno=fd))
+    with socket.socket(fileno=fd) as sock:
+        return netlink.link_names(sock)
 
 
 @functools.cache

@@ -24,7 +24,8 @@ def _plain(value: Any) -> Any:
 def to_document(snap: Snapshot) -> dict[str, Any]:
     doc = {"schema_version": SCHEMA_VERSION, **_plain(snap)}
     for pool in doc["pools"]:
-        pool["pool_addr"] = f"{pool['pool_addr']:#x}"  # kernel addresses read best in hex
+        if pool["pool_addr"] is not None:  # None: a pool only netlink lists
+            pool["pool_addr"] = f"{pool['pool_addr']:#x}"  # kernel addresses read best in hex
     return doc
 
 

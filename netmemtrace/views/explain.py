@@ -103,12 +103,22 @@ def verdict(pool: PoolSnapshot) -> str:
     return f"NOT SELF-HEALING: {pages} page(s) are held by " + "; ".join(parts)
 
 
+def _unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
 def _pool_section(pool: PoolSnapshot, scan: ScanReport | None) -> list[str]:
-    ident = f"pool {pool.pool_addr:#x}" + (f" (id {pool.pool_id})" if pool.pool_id else "")
+    addr = f"pool {pool.pool_addr:#x}" if pool.pool_addr is not None else "pool"
+    ident = addr + (f" (id {pool.pool_id})" if pool.pool_id else "")
     lines = [f"{ident} on {pool.netdev or '?'} (ifindex {pool.ifindex}, netns "
-             f"{pool.netns or '?'}), provider {pool.provider}, {pool.page_size_bytes}-byte "
-             f"pages, NUMA node {pool.numa_node}"]
-    state = scan.pools.get(pool.pool_addr) if scan else None
+             f"{pool.netns or '?'}), provider {pool.provider}, "
+             f"{_unknown(pool.page_size_bytes)}-byte pages, NUMA node "
+             f"{_unknown(pool.numa_node)}",
+             f"NIC found through: {pool.netdev_source}"]
+    state = scan.pools.get(pool.pool_addr) if scan and pool.pool_addr is not None else None
+    if pool.zombie_age_source == "kernel detach-time" and pool.zombie_age_ns is not None:
+        lines.append(f"zombie for {human_duration(pool.zombie_age_ns)} (since the kernel's "
+                     "detach-time, netlink page-pool-get)")
     if state is not None and state.destroyed_age_ns:
         age = state.destroyed_age_ns
         warned = age // 1_000_000_000 // STALL_WARN_INTERVAL_S
@@ -118,13 +128,15 @@ def _pool_section(pool: PoolSnapshot, scan: ScanReport | None) -> list[str]:
             + (f"it has logged 'stalled pool shutdown' {warned} time(s)" if warned else
                f"its 'stalled pool shutdown' warning comes at {STALL_WARN_INTERVAL_S} s")
             + " (only for pools no netlink user can see)")
-    elif pool.zombie_age_ns is not None:
+    elif pool.zombie_age_ns is not None and pool.zombie_age_source != "kernel detach-time":
         lines.append(f"zombie for at least {human_duration(pool.zombie_age_ns)} (since "
                      f"netmemtrace saw its first release retry); {pool.release_calls} "
                      "release call(s) seen")
     kernel = pool.kernel_inflight_at_release
-    lines.append(f"inflight: {_inflight(pool)}; the kernel's own count at its last release "
-                 f"retry: {kernel if kernel is not None else 'not seen yet'}")
+    source = "netlink page-pool-get" if pool.inflight_source == "kernel" else \
+        "netmemtrace's page_pool tracepoints"
+    lines.append(f"inflight: {_inflight(pool)} (from {source}); the kernel's own count at its "
+                 f"last release retry: {kernel if kernel is not None else 'not seen yet'}")
     lines.append("holders (their pages add up to inflight):")
     lines.extend(_holders_table(pool))
     lines.append(f"verdict: {verdict(pool)}")

@@ -40,6 +40,7 @@ from prometheus_client.utils import floatToGoString
 from .. import __version__
 from ..probes import MECHANISMS, ProbeStatus
 from ..snapshot import (
+    DeviceSummary,
     DevmemSocket,
     HoldHistogram,
     MemcgSelfStats,
@@ -47,6 +48,7 @@ from ..snapshot import (
     NetmemStates,
     NetmemSummary,
     PoolSnapshot,
+    Recycling,
     Snapshot,
     Unavailable,
 )
@@ -119,6 +121,26 @@ def _ns_to_s(ns: int | None) -> float | None:
     return None if ns is None else ns / NS_PER_S
 
 
+def _recycling(get: Callable[[Recycling], Figure]) -> Callable[[PoolSnapshot], Figure]:
+    def value(p: PoolSnapshot) -> Figure:
+        return p.recycling if isinstance(p.recycling, Unavailable) else get(p.recycling)
+    return value
+
+
+def _counter(name: str) -> Callable[[PoolSnapshot], Figure]:
+    return _recycling(lambda r: getattr(r.counters, name))
+
+
+def _per_s(*names: str) -> Callable[[PoolSnapshot], Figure]:
+    return _recycling(lambda r: None if r.per_s is None else sum(r.per_s[n] for n in names))
+
+
+RECYCLED_PER_S = ("recycle_cached", "recycle_ring")
+RETURNED_PER_S = (*RECYCLED_PER_S, "recycle_ring_full", "recycle_released_refcnt")
+_RATIO = ("recycled / given back = (recycle_cached + recycle_ring) / (recycle_cached + "
+          "recycle_ring + recycle_ring_full + recycle_released_refcnt)")
+
+
 POOL_METRICS = (
     PoolMetric(
         "netmemtrace_page_pool_inflight_pages", "gauge",
@@ -162,6 +184,42 @@ POOL_METRICS = (
         "netmemtrace_page_pool_kernel_inflight_bytes", "gauge",
         "In-flight memory as the kernel reports it over netdev netlink, bytes.",
         (((), _kernel("inflight_bytes")),)),
+    PoolMetric(
+        "netmemtrace_page_pool_kernel_alloc", "counter",
+        "The pool's allocation counters from netlink page-pool-stats-get, since the pool's "
+        "creation (path: fast = page from the pool's cache; slow / slow_high_order = calls "
+        "to the page allocator; refill = cache refills from the ring; empty = ring empty "
+        "too; waive = ring page of the wrong NUMA node, freed). Absent without "
+        "CONFIG_PAGE_POOL_STATS or for pools netlink does not list.",
+        tuple(((path,), _counter(f"alloc_{path}")) for path in
+              ("fast", "slow", "slow_high_order", "empty", "refill", "waive")),
+        extra_labels=("path",)),
+    PoolMetric(
+        "netmemtrace_page_pool_kernel_recycle_pages", "counter",
+        "Pages given back to the pool, by where they went, from netlink "
+        "page-pool-stats-get since the pool's creation (path: cached = the pool's cache; "
+        "ring = its ring; ring_full = ring full, freed; released_refcnt = still referenced, "
+        "freed; cache_full = cache full, went on to the ring: not a page of its own).",
+        tuple(((path,), _counter(f"recycle_{path}")) for path in
+              ("cached", "cache_full", "ring", "ring_full", "released_refcnt")),
+        extra_labels=("path",)),
+    PoolMetric(
+        "netmemtrace_page_pool_recycled_pages_per_second", "gauge",
+        "Pages the pool recycled per second (recycle_cached + recycle_ring) over the "
+        "exporter's last refresh interval; absent before the second refresh.",
+        (((), _per_s(*RECYCLED_PER_S)),)),
+    PoolMetric(
+        "netmemtrace_page_pool_returned_pages_per_second", "gauge",
+        "Pages given back to the pool per second (recycled or freed: cached + ring + "
+        "ring_full + released_refcnt) over the last refresh interval.",
+        (((), _per_s(*RETURNED_PER_S)),)),
+    PoolMetric(
+        "netmemtrace_page_pool_recycled_ratio", "gauge",
+        f"Share of the pages given back that the pool kept for reuse, since its creation: "
+        f"{_RATIO}. Every page given back is in exactly one of those four counters and a "
+        "page in flight in none, so it does not under-count like ynltool's (ring + cached) "
+        "/ (fast + refill + slow). Absent before any page came back.",
+        (((), _recycling(lambda r: r.recycled_ratio)),)),
 )
 
 
@@ -341,6 +399,7 @@ class SnapshotCollector(Collector):
         yield from self._probes(snap.probes)
         yield from self._pools(snap.pools, unavailable,
                                snap.netmem if isinstance(snap.netmem, Unavailable) else None)
+        yield from self._devices(snap.devices, unavailable)
         yield from self._memcgs(snap.memcgs, unavailable)
         yield from self._devmem(snap, unavailable)
         yield from self._self_stats(snap, unavailable)
@@ -520,6 +579,58 @@ class SnapshotCollector(Collector):
             for kind, n in sorted(kinds.items()):
                 fam.add_metric((*labels, kind), n)
         return fam
+
+    # ---- devices: `ynltool page-pool stats` parity ------------------------------------------
+
+    @staticmethod
+    def _devices(devices: tuple[DeviceSummary, ...], unavailable: Unavailables
+                 ) -> Iterator[Metric]:
+        labels = ("netdev", "ifindex", "netns")
+        specs: tuple[tuple[str, str, Callable[[DeviceSummary], Figure]], ...] = (
+            ("netmemtrace_device_page_pools",
+             "Page pools of the NIC netlink lists, zombies included (ynltool's \"page "
+             "pools\"); pools the kernel re-parented to loopback count under their real NIC.",
+             lambda d: d.pools),
+            ("netmemtrace_device_page_pool_zombies",
+             "Listed pools of the NIC with a detach time: destroyed, pages still in flight.",
+             lambda d: d.zombies),
+            ("netmemtrace_device_page_pool_inflight_pages",
+             "In-flight pages of every listed pool of the NIC, per netlink (ynltool's refs).",
+             lambda d: d.inflight_pages),
+            ("netmemtrace_device_page_pool_inflight_bytes",
+             "In-flight memory of every listed pool of the NIC, per netlink, bytes.",
+             lambda d: d.inflight_bytes),
+            ("netmemtrace_device_page_pool_zombie_inflight_pages",
+             "In-flight pages of the NIC's zombie pools, per netlink.",
+             lambda d: d.zombie_inflight_pages),
+            ("netmemtrace_device_page_pool_zombie_inflight_bytes",
+             "In-flight memory of the NIC's zombie pools, per netlink, bytes.",
+             lambda d: d.zombie_inflight_bytes),
+            ("netmemtrace_device_page_pool_recycled_ratio",
+             f"The NIC's pools' counters summed, {_RATIO}.", lambda d: d.recycled_ratio),
+            ("netmemtrace_device_page_pool_ynltool_recycling_ratio",
+             "ynltool's recycling figure / 100: (recycle_ring + recycle_cached) / "
+             "(alloc_fast + alloc_refill + alloc_slow); under-counts (pages in flight).",
+             lambda d: d.ynltool_recycling_pct if not isinstance(
+                 d.ynltool_recycling_pct, float) else d.ynltool_recycling_pct / 100),
+            ("netmemtrace_device_page_pool_recycled_pages_per_second",
+             "Pages the NIC's listed pools recycled per second over the last refresh "
+             "interval (ynltool shows no rate).", lambda d: d.recycled_per_s),
+            ("netmemtrace_device_page_pools_unlisted",
+             "Pools netmemtrace sees on the NIC that netlink does not list (veth, drivers "
+             "without a registered netdev, pools of a deleted netns): ynltool cannot show "
+             "them.", lambda d: d.unlisted_pools),
+        )
+        for name, help_text, get in specs:
+            fam = GaugeMetricFamily(name, help_text, labels=labels)
+            for d in devices:
+                key = (d.netdev or "", str(d.ifindex), d.netns or "")
+                value = get(d)
+                if isinstance(value, Unavailable):
+                    unavailable.add(name, value.reason, (key[0], key[1], key[2], "", "", ""))
+                elif value is not None:
+                    fam.add_metric(key, value)
+            yield fam
 
     # ---- memory cgroups --------------------------------------------------------------------
 

@@ -25,10 +25,12 @@ from typing import IO
 
 from ..probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
 from ..snapshot import (
+    DeviceSummary,
     Holder,
     MemcgSnapshot,
     PoolSnapshot,
     ProcessSnapshot,
+    Recycling,
     Snapshot,
     Unavailable,
 )
@@ -85,7 +87,8 @@ class ViewState:
     tables: list[TableState] = field(
         default_factory=lambda: [TableState(POOL_COLUMNS.index(INFLIGHT), True),
                                  TableState(MEMCG_COLUMNS.index(SOCK_NOW), True),
-                                 TableState(PROCESS_COLUMNS.index(PROC_UNACCT), True)])
+                                 TableState(PROCESS_COLUMNS.index(PROC_UNACCT), True),
+                                 TableState(DEVICE_COLUMNS.index(DEV_INFLIGHT), True)])
     focus: int = 0
     paused: bool = False
     editing: str | None = None  # filter text being typed in the footer, None when not typing
@@ -133,14 +136,17 @@ INFLIGHT = Column("INFLIGHT", True)
 POOL_COLUMNS = (
     Column("NETDEV"), Column("NETNS"), Column("POOL", True), Column("NAPI", True),
     Column("PROVIDER"), Column("MEM"), INFLIGHT, Column("BYTES", True),
-    Column("HOLD/s", True), Column("REL/s", True), Column("STATE"),
+    Column("HOLD/s", True), Column("REL/s", True), Column("RECYC/s", True),
+    Column("RECYC%", True), Column("STATE"),
 )
 
 
 def pool_identity(pool: PoolSnapshot, snap: Snapshot) -> PoolId:
     """Address and first-seen time: a freed pool's address is reused, and a retired pool and
     its successor at the same address can both be in one snapshot."""
-    return pool.pool_addr, snap.taken_monotonic_ns - pool.first_seen_age_ns
+    # A pool only netlink lists has no address yet: its (negated) id stands in.
+    addr = pool.pool_addr if pool.pool_addr is not None else -(pool.pool_id or 0)
+    return addr, snap.taken_monotonic_ns - pool.first_seen_age_ns
 
 
 def _holds(p: PoolSnapshot) -> int:
@@ -189,6 +195,22 @@ def _state(p: PoolSnapshot) -> Cell:
     return Cell(p.state, p.state)
 
 
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def recycle_cells(r: Recycling | Unavailable) -> tuple[Cell, Cell]:
+    """Pages recycled per second (recycle_cached + recycle_ring) and the recycled share of
+    the pages given back (Recycling.recycled_ratio): over the last interval once there is
+    one, else since the pool's creation."""
+    if isinstance(r, Unavailable):
+        return Cell("n/a"), Cell("n/a")
+    per_s = None if r.per_s is None else r.per_s["recycle_cached"] + r.per_s["recycle_ring"]
+    share = r.recycled_ratio_interval if r.recycled_ratio_interval is not None \
+        else r.recycled_ratio
+    return _number(per_s, human_count), _number(share, percent)
+
+
 def pool_row(p: PoolSnapshot, rates: tuple[float, float] | None) -> Row:
     hold_rate, release_rate = rates if rates else (None, None)
     return Row((
@@ -202,6 +224,7 @@ def pool_row(p: PoolSnapshot, rates: tuple[float, float] | None) -> Row:
         _number(p.inflight_bytes, human_bytes),
         _number(hold_rate, human_count),
         _number(release_rate, human_count),
+        *recycle_cells(p.recycling),
         _state(p),
     ), highlight=p.state == "zombie", details=tuple(holder_line(h) for h in p.holders))
 
@@ -222,6 +245,40 @@ def pool_table(cur: Snapshot, prev: Snapshot | None) -> Table:
     rows = tuple(pool_row(p, rates.get(pool_identity(p, cur))) for p in cur.pools)
     return Table("PAGE POOLS", POOL_COLUMNS, rows,
                  note=None if rows else "no page pool event seen since attach")
+
+
+# ---- devices: `ynltool page-pool stats` and beyond ---------------------------------------
+
+DEV_INFLIGHT = Column("INFLIGHT", True)
+DEVICE_COLUMNS = (
+    Column("NETDEV"), Column("NETNS"), Column("LISTED AS"), Column("POOLS", True),
+    Column("ZOMBIES", True), DEV_INFLIGHT, Column("BYTES", True), Column("Z_INFLIGHT", True),
+    Column("Z_BYTES", True), Column("RECYC%", True), Column("YNL%", True),
+    Column("RECYC/s", True), Column("UNLISTED", True),
+)
+
+
+def device_row(d: DeviceSummary) -> Row:
+    ynl = d.ynltool_recycling_pct
+    return Row((
+        Cell(d.netdev or UNKNOWN, d.netdev or None),
+        Cell(d.netns or UNKNOWN, d.netns or None),
+        Cell(",".join(d.listed_as) or "not listed", ",".join(d.listed_as)),
+        _number(d.pools), _number(d.zombies),
+        _number(d.inflight_pages), _number(d.inflight_bytes, human_bytes),
+        _number(d.zombie_inflight_pages), _number(d.zombie_inflight_bytes, human_bytes),
+        _number(d.recycled_ratio, percent),
+        _number(None if ynl is None or isinstance(ynl, Unavailable) else ynl / 100, percent)
+        if not isinstance(ynl, Unavailable) else Cell("n/a"),
+        _number(d.recycled_per_s, human_count),
+        _number(d.unlisted_pools),
+    ), highlight=d.zombies > 0)
+
+
+def device_table(snap: Snapshot) -> Table:
+    return Table("DEVICES (ynltool page-pool stats; RECYC% = recycled / given back)",
+                 DEVICE_COLUMNS, tuple(device_row(d) for d in snap.devices),
+                 note=None if snap.devices else "no page pool on any device")
 
 
 # ---- memory cgroups ---------------------------------------------------------------------
@@ -428,7 +485,7 @@ def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str
 
 
 def sections(cur: Snapshot, prev: Snapshot | None, view: ViewState) -> list[Section]:
-    tables = (pool_table(cur, prev), memcg_table(cur), process_table(cur))
+    tables = (pool_table(cur, prev), memcg_table(cur), process_table(cur), device_table(cur))
     return [section(t, s, i == view.focus)
             for i, (t, s) in enumerate(zip(tables, view.tables, strict=True))]
 
