@@ -49,7 +49,7 @@ build/vmlinux.h:
 	@mkdir -p build
 	bpftool btf dump file $(BTF) format c > $@.tmp && mv $@.tmp $@
 
-netmemtrace/bpfobj/%.bpf.o: bpf/%.bpf.c bpf/netmemtrace.h bpf/common.bpf.h bpf/netmem_table.bpf.h build/vmlinux.h
+netmemtrace/bpfobj/%.bpf.o: bpf/%.bpf.c bpf/netmemtrace.h bpf/common.bpf.h bpf/compat.bpf.h bpf/netmem_table.bpf.h build/vmlinux.h
 	@mkdir -p netmemtrace/bpfobj
 	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Ibuild -Ibpf -c $< -o $@
 	llvm-strip -g --keep-section=.BTF --keep-section=.BTF.ext $@ 2>/dev/null || true

@@ -22,6 +22,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "netmemtrace.h"
+#include "compat.bpf.h"
 
 #define MAX_ZOMBIE_POOLS 256
 #define MAX_SKBS_HARD 65536	/* per queue or list; holders_config.max_skbs lowers it */
@@ -84,29 +85,6 @@ struct {
 	__type(value, __u64);
 } cpu_percpu_base SEC(".maps");
 
-extern unsigned long CONFIG_ILLEGAL_POINTER_VALUE __kconfig __weak;
-extern int CONFIG_HZ __kconfig;
-
-/*
- * Layouts that differ between kernels, matched by CO-RE on their names (the ___ suffix is
- * ignored): before 6.18 each CPU's deferred-free list was in softnet_data; 6.18 moved it
- * to per-CPU, per-NUMA-node skb_defer_node entries that net_hotdata points to.
- */
-struct softnet_data___pre618 {
-	struct sk_buff *defer_list;
-	int defer_count;
-} __attribute__((preserve_access_index));
-
-struct net_hotdata___nmt {
-	void *skb_defer_nodes;
-	int sysctl_skb_defer_max;
-} __attribute__((preserve_access_index));
-
-struct skb_defer_node___nmt {
-	struct llist_head defer_list;
-	atomic_long_t defer_count;
-} __attribute__((preserve_access_index));
-
 /*
  * Ring buffer samples and iterator output have no map type: this keeps the record structs
  * in the object's BTF, where userspace learns their layout.
@@ -164,7 +142,7 @@ static __always_inline __u64 read_u64(__u64 addr)
  */
 static __always_inline bool is_pp_magic(__u64 magic)
 {
-	__u64 delta = CONFIG_ILLEGAL_POINTER_VALUE;
+	__u64 delta = NMT_ILLEGAL_POINTER_VALUE;
 
 	return (magic & 0x7c) == 0x40 && (magic & delta) == delta;
 }
@@ -595,7 +573,7 @@ static long ring_step(__u32 i, void *ctx)
 
 static __always_inline __u64 jiffies_to_ms(__u64 j)
 {
-	return j * 1000 / CONFIG_HZ;
+	return j * 1000 / kernel_hz();
 }
 
 /*

@@ -174,7 +174,16 @@ static __noinline void netmem_move(struct netmem_entry *e, __u32 to)
 	if (from == NETMEM_ST_APPLICATION) {
 		held = bpf_ktime_get_ns() - e->app_since_ns;
 		if (c && e->app_since_ns) {
-			c->hold_log2_ns[log2_u64(held) & (NETMEM_HOLD_BUCKETS - 1)] += 1;
+			__u32 bucket = log2_u64(held);
+
+			/*
+			 * The compiler knows bucket < 64 and drops a mask; 6.1's verifier does
+			 * not (it loses the bound through log2's ORs): a bound it can see.
+			 */
+			barrier_var(bucket);
+			if (bucket >= NETMEM_HOLD_BUCKETS)
+				bucket = NETMEM_HOLD_BUCKETS - 1;
+			c->hold_log2_ns[bucket] += 1;
 			c->hold_count += 1;
 			c->hold_sum_ns += held;
 		}

@@ -19,6 +19,7 @@
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
 #include "common.bpf.h"
+#include "compat.bpf.h"
 #include "netmem_table.bpf.h"
 
 #define POOL_SLOT_BITS 12
@@ -115,15 +116,12 @@ static __always_inline void read_pool_info(struct pool_info *info, const struct 
 	info->first_seen_ns = bpf_ktime_get_ns();
 	info->order = BPF_CORE_READ(pool, p.order);
 	info->nid = BPF_CORE_READ(pool, p.nid);
-	napi = BPF_CORE_READ(pool, p.napi);
+	napi = pool_napi(pool);
 	if (napi)
 		info->napi_id = BPF_CORE_READ(napi, napi_id);
-	if (bpf_core_field_exists(pool->user))
-		info->pool_id = BPF_CORE_READ(pool, user.id);
-	if (bpf_core_field_exists(pool->mp_ops))
-		info->mp_ops = (__u64)BPF_CORE_READ(pool, mp_ops);
-	if (bpf_core_field_exists(pool->slow))
-		dev = BPF_CORE_READ(pool, slow.netdev);
+	info->pool_id = pool_user_id(pool);
+	info->mp_ops = pool_mp_ops(pool);
+	dev = pool_slow_netdev(pool);
 	if (!dev && napi)
 		dev = BPF_CORE_READ(napi, dev);
 	if (!dev)

@@ -193,6 +193,8 @@ BATCH_ENTRIES = 256
 # Map types whose values are per CPU (the kernel hands back one value per possible CPU).
 _PERCPU_MAP_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP
 _LIBBPF_WARN = 0
+_MESSAGE_MAX = 1 << 24   # libbpf's largest verifier log buffer (UINT32_MAX >> 8)
+_MESSAGE_KEEP = 8192
 
 
 class _LogCapture:
@@ -218,9 +220,17 @@ class _LogCapture:
             return 0  # formatting costs more than the rest of a load's logging
         # The message is a printf format plus a va_list; formatting it in Python is not
         # possible portably, so vsnprintf from libc does it.
-        buf = ctypes.create_string_buffer(4096)
+        # One message can be a whole verifier log (megabytes), whose last lines say why
+        # the program was rejected: a buffer as large as libbpf's own log buffer, per
+        # thread, and of a long message its head and its tail are kept.
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = ctypes.create_string_buffer(_MESSAGE_MAX)
         _libc.vsnprintf(buf, len(buf), fmt, ctypes.c_void_p(args))
-        self.lines.append(buf.value.decode(errors="replace").rstrip("\n"))
+        text = buf.value.decode(errors="replace").rstrip("\n")
+        if len(text) > 2 * _MESSAGE_KEEP:
+            text = f"{text[:_MESSAGE_KEEP]}\n[...]\n{text[-_MESSAGE_KEEP:]}"
+        self.lines.append(text)
         return 0
 
     def take(self) -> str:

@@ -1,0 +1,102 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Kernel-version compat in one place (after libbpf-tools' core_fixes.bpf.h): struct
+ * flavours (CO-RE ignores the ___suffix when matching names) and accessors for fields
+ * that come and go, each naming the kernel release that changed it. No Kconfig externs:
+ * a container has no /boot/config-* and often no /proc/config.gz, and libbpf refuses to
+ * load an object with a __kconfig extern it cannot resolve.
+ */
+#ifndef __NETMEMTRACE_COMPAT_BPF_H
+#define __NETMEMTRACE_COMPAT_BPF_H
+
+/* ---- page_pool ---- */
+
+/*
+ * page_pool_params.napi: added in 6.5 ("page_pool: allow caching from safely localized
+ * NAPI"); 6.1 has no such field, and an unguarded read fails the CO-RE relocation.
+ */
+static __always_inline struct napi_struct *pool_napi(const struct page_pool *pool)
+{
+	if (!bpf_core_field_exists(pool->p.napi))
+		return NULL;
+	return BPF_CORE_READ(pool, p.napi);
+}
+
+/* page_pool.user (id, netlink listing): 6.8, "net: page_pool: record pools per netdev". */
+static __always_inline __u32 pool_user_id(const struct page_pool *pool)
+{
+	if (!bpf_core_field_exists(pool->user))
+		return 0;
+	return BPF_CORE_READ(pool, user.id);
+}
+
+/* page_pool.mp_ops (memory providers: devmem, io_uring zcrx): 6.12. */
+static __always_inline __u64 pool_mp_ops(const struct page_pool *pool)
+{
+	if (!bpf_core_field_exists(pool->mp_ops))
+		return 0;
+	return (__u64)BPF_CORE_READ(pool, mp_ops);
+}
+
+/* page_pool.slow.netdev (the registered netdev): 6.8, with page_pool.user. */
+static __always_inline struct net_device *pool_slow_netdev(const struct page_pool *pool)
+{
+	if (!bpf_core_field_exists(pool->slow))
+		return NULL;
+	return BPF_CORE_READ(pool, slow.netdev);
+}
+
+/* ---- deferred skb free lists ---- */
+
+/*
+ * Before 6.18 each CPU's deferred-free list was in softnet_data; 6.18 ("net: fix
+ * napi_consume_skb() with alien skbs" series) moved it to per-CPU, per-NUMA-node
+ * skb_defer_node entries that net_hotdata points to.
+ */
+struct softnet_data___pre618 {
+	struct sk_buff *defer_list;
+	int defer_count;
+} __attribute__((preserve_access_index));
+
+struct net_hotdata___nmt {
+	void *skb_defer_nodes;
+	int sysctl_skb_defer_max;
+} __attribute__((preserve_access_index));
+
+struct skb_defer_node___nmt {
+	struct llist_head defer_list;
+	atomic_long_t defer_count;
+} __attribute__((preserve_access_index));
+
+/* ---- constants that were Kconfig externs ---- */
+
+/*
+ * CONFIG_ILLEGAL_POINTER_VALUE, the poison delta in PP_SIGNATURE: 0xdead000000000000
+ * on x86_64 and arm64 (arch/x86/Kconfig, arch/arm64/Kconfig), 0 on 32-bit.
+ */
+#define NMT_ILLEGAL_POINTER_VALUE 0xdead000000000000ULL
+
+/*
+ * CONFIG_HZ without Kconfig. jiffies start at INITIAL_JIFFIES, (u32)(-300 * HZ)
+ * (include/linux/jiffies.h), and advance HZ per second of CLOCK_MONOTONIC, so after t
+ * seconds jiffies_64 = 2^32 - 300 * HZ + t * HZ. Of the HZ a kernel can be built with
+ * (kernel/Kconfig.hz), the one that best explains bpf_jiffies64() is the kernel's.
+ */
+static __always_inline __u64 kernel_hz(void)
+{
+	const __u64 hz[] = { 100, 250, 300, 1000 };
+	__u64 j = bpf_jiffies64(), t_ns = bpf_ktime_get_ns(), best = 250, best_err = ~0ULL;
+
+	for (int i = 0; i < 4; i++) {
+		__u64 expect = (1ULL << 32) - 300 * hz[i] + t_ns / 1000 * hz[i] / 1000000;
+		__u64 err = expect > j ? expect - j : j - expect;
+
+		if (err < best_err) {
+			best_err = err;
+			best = hz[i];
+		}
+	}
+	return best;
+}
+
+#endif /* __NETMEMTRACE_COMPAT_BPF_H */
