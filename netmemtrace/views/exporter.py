@@ -50,6 +50,7 @@ from ..snapshot import (
     Snapshot,
     Unavailable,
 )
+from .utf8 import visible
 
 # Identity of a pool. `state` is deliberately not among them: a pool going active -> zombie
 # -> released must stay one series, or rate() over its counters would break at each step.
@@ -746,7 +747,9 @@ def _plain(metrics: list[Metric]) -> bool:
 
 
 def _label_escape(v: str) -> str:
-    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    # visible() first: an undecodable byte of a cgroup name becomes a literal \xNN, whose
+    # backslash is then escaped like any other.
+    return visible(v).replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
 def encode(metrics: Iterable[Metric], fmt: str) -> bytes:
