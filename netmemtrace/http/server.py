@@ -92,7 +92,7 @@ def _parse(head: bytes) -> Request:
     if parts[2] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
         headers["connection"] = "close"
     if headers.get("transfer-encoding") or headers.get("content-length", "0") != "0":
-        raise _BadRequest(HTTPStatus.CONTENT_TOO_LARGE, "request bodies are not accepted")
+        raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request bodies are not accepted")
     return Request(parts[0], parts[1], headers)
 
 
