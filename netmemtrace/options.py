@@ -71,3 +71,25 @@ PID = integer(1, PID_MAX_LIMIT)
 # threshold would be 0 and nothing tracked.
 NETMEM_SAMPLE = integer(1, 1 << 32)
 MAX_CGROUPS = integer(1, 1_000_000)
+
+
+# A test knob, not a user option: map and ring buffer sizes of the BPF objects, so a test
+# can fill one and see the loss reported (every drop is counted and shown, never silent).
+MAP_SIZES_ENV = "NETMEMTRACE_MAP_SIZES"
+_MAX_MAP_ENTRIES = 1 << 30
+
+
+def map_sizes(text: str | None) -> dict[str, dict[str, int]]:
+    """'OBJECT.MAP=N,...' (e.g. 'netmem.netmems=2,zerocopy.zc_events=4096') -> {object:
+    {map: N}}; ValueError says what is wrong. Ring buffers take a power-of-two multiple of
+    the page size, which libbpf checks at load."""
+    sizes: dict[str, dict[str, int]] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        where, sep, n = item.partition("=")
+        obj, dot, name = where.partition(".")
+        value = _number(n, int) if sep else None
+        if not (dot and obj and name) or value is None or not 1 <= value <= _MAX_MAP_ENTRIES:
+            raise ValueError(f"{MAP_SIZES_ENV}: {item!r} is not OBJECT.MAP=N with N from 1 to "
+                             f"{_MAX_MAP_ENTRIES}")
+        sizes.setdefault(obj, {})[name] = value
+    return sizes

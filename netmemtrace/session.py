@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import abi, caps, kallsyms, libbpf, netns_broker, probes
+from . import abi, caps, kallsyms, libbpf, netns_broker, options, probes
 from .collect import netlink, resolve, zerocopy
 from .collect.holders import HoldersCollector, ScanReport
 from .collect.memcg import MemcgCollector
@@ -53,6 +53,7 @@ class Session:
         threads keep the capabilities of the thread that created them)."""
         try:
             sample_threshold(netmem_sample)
+            sizes = options.map_sizes(os.environ.get(options.MAP_SIZES_ENV))
         except ValueError as exc:
             raise probes.SetupError(str(exc)) from None
         probes.check_privileges(btf_path)
@@ -73,9 +74,10 @@ class Session:
             for name in OBJECTS:
                 try:
                     self.loaded.append(
-                        zerocopy.load_object(btf_path) if name == "zerocopy" else
-                        probes.load_object(
+                        zerocopy.load_object(btf_path, sizes.get(name)) if name == "zerocopy"
+                        else probes.load_object(
                             name, str(abi.object_path(name)), btf_path=btf_path,
+                            max_entries=sizes.get(name),
                             disabled=None if netmem_stack or name != "netmem" else STACK_OFF))
                 except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
                     self.failed.append(probes.ProbeStatus(
@@ -161,6 +163,8 @@ class Session:
                 retired_map_full_total=stats.get("retired_map_full", 0),
                 prog_run_time_ns=run_time,
                 prog_run_cnt=run_cnt,
+                holders_refs_lost_total=self._holders.refs_lost_total if self._holders
+                else None,
             ),
             errors=tuple(errors),
             memcgs=memcgs,
