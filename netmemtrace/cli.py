@@ -10,8 +10,9 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType, ModuleType
+from typing import NoReturn
 
-from . import __version__, abi, demo, libbpf, probes
+from . import __version__, abi, demo, libbpf, options, probes
 from .collect import cgroups, memcg, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
@@ -45,6 +46,14 @@ COMMAND_MODULES = {"top": "netmemtrace.topcmd", "serve": "netmemtrace.serve",
                    "explain-zombie": "netmemtrace.explaincmd"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line and exit 2, like every other error of the tool (argparse
+    would print the whole usage first). Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _command_module(name: str) -> ModuleType:
     return importlib.import_module(COMMAND_MODULES[name])
 
@@ -57,7 +66,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or only == command:
             _command_module(command).add_arguments(sub_parser)
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="netmemtrace", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="eBPF observability for Linux network memory: page_pool inflight and "
                     "recycling per NIC queue, memcg socket memory, zerocopy.",
@@ -69,7 +78,8 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--btf-path", metavar="FILE",
                    help="kernel BTF for CO-RE relocation when /sys/kernel/btf/vmlinux is "
                         "absent (e.g. a BTFHub file for this kernel)")
-    p.add_argument("--netmem-sample", type=int, default=DEFAULT_SAMPLE_N, metavar="N",
+    p.add_argument("--netmem-sample", type=options.NETMEM_SAMPLE, default=DEFAULT_SAMPLE_N,
+                   metavar="N",
                    help="track the ownership state of 1 in N netmem, chosen by hash "
                         f"(default {DEFAULT_SAMPLE_N}: 1.3x an empty program per page_pool event, "
                         "16: 1.5x; "
@@ -90,12 +100,12 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "errors. Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')
-    d.add_argument("--duration", type=float, default=1.0, metavar="S",
+    d.add_argument("--duration", type=options.DUMP_DURATION, default=1.0, metavar="S",
                    help="seconds to trace before the snapshot (default 1)")
     d.add_argument("--cgroup", metavar="PATH",
                    help="only memory cgroups at or under PATH (as in /proc/PID/cgroup); "
                         "matching none: the (empty) document, why on stderr, exit 1")
-    d.add_argument("--pid", type=int, metavar="PID",
+    d.add_argument("--pid", type=options.PID, metavar="PID",
                    help="only the memory cgroup and process row of PID (exited ones "
                         "included); matching none: as for --cgroup")
     d.add_argument("--output", metavar="FILE",
@@ -137,7 +147,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "an XDP_PASS program on the receiver (so the kernel's "
                                    "page_pool runs), push TCP through it, remove everything "
                                    "on exit (Ctrl-C included).")
-    m.add_argument("--duration", type=float, default=30.0, metavar="S",
+    m.add_argument("--duration", type=options.DEMO_DURATION, default=30.0, metavar="S",
                    help="seconds of traffic (default 30)")
     return p
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from . import options
 from .views import explain
 
 # The kernel retries a zombie's release once a second; a pool destroyed before netmemtrace
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", nargs="?", metavar="POOL",
                         help="a pool id, pool address (0x...) or netdev name (default: every "
                              "zombie pool)")
-    parser.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="S",
+    parser.add_argument("--wait", type=options.EXPLAIN_WAIT, default=DEFAULT_WAIT_S, metavar="S",
                         help="seconds to trace before reading, so zombies destroyed before "
                              f"start are seen at their next retry (default {DEFAULT_WAIT_S})")
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from .cli import open_session
 
     with open_session(args) as session:
-        time.sleep(max(args.wait, 0.0))
+        time.sleep(args.wait)
         snap = session.read()
         scan = session.holders_scan
     pools = explain.select_pools(snap, args.pool)

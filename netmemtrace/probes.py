@@ -250,7 +250,11 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
     for _ in range(rounds):
         obj = libbpf.Object(path, btf_path)
         for tbl, n in (max_entries or {}).items():
-            obj.set_max_entries(tbl, n)
+            try:
+                obj.set_max_entries(tbl, n)
+            except libbpf.LibbpfError as exc:
+                obj.close()
+                raise SetupError(f"cannot size map {name}.{tbl} to {n}: {exc}") from None
         for tbl, shared in (reuse or {}).items():
             obj.reuse_map(tbl, shared)
         chosen = {h.name: h.next_candidate() for h in hooks.values()}

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import abi, caps, kallsyms, libbpf, netns_broker, probes
+from . import abi, caps, kallsyms, libbpf, netns_broker, options, probes
 from .collect import netlink, resolve, zerocopy
 from .collect.holders import HoldersCollector, ScanReport
 from .collect.memcg import MemcgCollector
@@ -58,6 +58,7 @@ class Session:
         rows: which per-process rows snapshots carry (exited ones for how long)."""
         try:
             sample_threshold(netmem_sample)
+            sizes = options.map_sizes(os.environ.get(options.MAP_SIZES_ENV))
         except ValueError as exc:
             raise probes.SetupError(str(exc)) from None
         probes.check_privileges(btf_path)
@@ -70,7 +71,7 @@ class Session:
         # The netns broker open_session started (netns_broker.py); stopped in close().
         self.broker: netns_broker.Broker | None = None
         try:
-            self._load_objects(btf_path, netmem_stack)
+            self._load_objects(btf_path, netmem_stack, sizes)
             if not any(s.attached for s in self.probe_status()):
                 raise probes.SetupError("no probe could attach: see `netmemtrace probes`"
                                         + "".join(f"; {f.reason}" for f in self.failed))
@@ -95,7 +96,8 @@ class Session:
             self.close()
             raise
 
-    def _load_objects(self, btf_path: str | None, netmem_stack: bool) -> None:
+    def _load_objects(self, btf_path: str | None, netmem_stack: bool,
+                      sizes: dict[str, dict[str, int]]) -> None:
         """Load every object, two at a time: the verifier runs in the loading thread, so
         loads overlap on two cores (start-up, bench part 3). The netmem object loads after
         the pagepool object, whose maps it shares; the /proc/kallsyms scan runs beside."""
@@ -103,9 +105,10 @@ class Session:
                 ) -> probes.LoadedObject | probes.ProbeStatus:
             try:
                 if name == "zerocopy":
-                    return zerocopy.load_object(btf_path)
+                    return zerocopy.load_object(btf_path, sizes.get(name))
                 return probes.load_object(
                     name, str(abi.object_path(name)), btf_path=btf_path, reuse=reuse,
+                    max_entries=sizes.get(name),
                     disabled=None if netmem_stack or name != "netmem" else STACK_OFF)
             except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
                 return probes.ProbeStatus(name, "(object)", None, False,
@@ -209,6 +212,8 @@ class Session:
                 retired_map_full_total=stats.get("retired_map_full", 0),
                 prog_run_time_ns=run_time,
                 prog_run_cnt=run_cnt,
+                holders_refs_lost_total=self._holders.refs_lost_total if self._holders
+                else None,
             ),
             errors=tuple(errors),
             memcgs=memcgs,

@@ -134,6 +134,9 @@ class SelfStats:
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
     prog_run_cnt: dict[str, int] | Unavailable = field(
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
+    # Zombie page references the holders ring buffer had no room for, over every scan
+    # since attach (None: the holders object is not loaded).
+    holders_refs_lost_total: int | None = None
 
 
 # ---- memcg socket memory and zerocopy (collect/memcg.py, collect/zerocopy.py) ----

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from . import probes
+from . import options, probes
 from .collect import zerocopy
 from .session import open_session
 from .views import top
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--interval", type=_positive(float), default=1.0, metavar="S",
+    parser.add_argument("--interval", type=options.TOP_INTERVAL, default=1.0, metavar="S",
                         help="seconds between refreshes (default 1)")
     parser.add_argument("--batch", action="store_true",
                         help="print plain-text frames to stdout instead of the full-screen "
                              "view, like `top -b` (logs, scripts, no terminal needed)")
-    parser.add_argument("--count", type=_positive(int), metavar="N",
+    parser.add_argument("--count", type=options.TOP_COUNT, metavar="N",
                         help="stop after N frames (default: until q or Ctrl-C)")
 
 

@@ -302,6 +302,7 @@ class HoldersCollector:
                           dict[int, tuple[Holder, ...]]] | None = None
         self._memcgs = cgroups.CgroupResolver.for_memory()
         self.last_scan: ScanReport | None = None
+        self.refs_lost_total = 0  # over every scan: exported as a counter
 
     def _drain(self) -> None:
         """Take every page reference the iterators sent so far off the ring buffer."""
@@ -455,6 +456,7 @@ class HoldersCollector:
                                         r.defer_warn_in_ms * 1_000_000, r.ring_refs)
                    for addr, r in pools.items()})
         self.last_scan = report
+        self.refs_lost_total += stats.refs_lost
         return _Scan(self._refs, socks, cpus, report)
 
     def _defer_lists_text(self, cal: Calibration, readable: int) -> str:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..snapshot import SCHEMA_VERSION, Snapshot, Unavailable
+from .utf8 import visible
 
 
 def _plain(value: Any) -> Any:
@@ -17,7 +18,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return visible(value)
     return value
 
 

@@ -52,6 +52,7 @@ from ..snapshot import (
     Snapshot,
     Unavailable,
 )
+from .utf8 import visible
 
 # Identity of a pool. `state` is deliberately not among them: a pool going active -> zombie
 # -> released must stay one series, or rate() over its counters would break at each step.
@@ -796,7 +797,7 @@ class SnapshotCollector(Collector):
         for map_name, n in drops:
             full.add_metric((map_name,), n)
         yield full
-        yield from SnapshotCollector._memcg_self(ms)
+        yield from SnapshotCollector._memcg_self(ms, st.holders_refs_lost_total)
         for name, help_text, values, scale in (
             ("netmemtrace_bpf_prog_run_seconds",
              "CPU time spent in each attached BPF program (kernel.bpf_stats_enabled=1).",
@@ -814,13 +815,14 @@ class SnapshotCollector(Collector):
             yield fam
 
     @staticmethod
-    def _memcg_self(ms: MemcgSelfStats | None) -> Iterator[Metric]:
+    def _memcg_self(ms: MemcgSelfStats | None, holders_lost: int | None) -> Iterator[Metric]:
         """The memcg / zerocopy collector's own health; no series when it did not report
         (its error is in netmemtrace_collector_error_info)."""
         lost = CounterMetricFamily(
             "netmemtrace_events_lost",
             "Events a BPF ring buffer had no room for (object=zerocopy: mapping ledger "
-            "events; the unaccounted zerocopy figures undercount).", labels=("object",))
+            "events, the unaccounted zerocopy figures undercount; object=holders: zombie "
+            "page references, their pages are reported unattributed).", labels=("object",))
         specs: tuple[tuple[str, str, str, Callable[[MemcgSelfStats], int]], ...] = (
             ("netmemtrace_zerocopy_ledger_ranges", "gauge",
              "Mapped page ranges in the zerocopy ledger now.", lambda s: s.ledger_ranges),
@@ -853,6 +855,8 @@ class SnapshotCollector(Collector):
         )
         if ms is not None:
             lost.add_metric(("zerocopy",), ms.ringbuf_lost_events)
+        if holders_lost is not None:
+            lost.add_metric(("holders",), holders_lost)
         yield lost
         for name, kind, help_text, get in specs:
             fam = _family(name, kind, help_text, ())
@@ -881,7 +885,9 @@ def _plain(metrics: list[Metric]) -> bool:
 
 
 def _label_escape(v: str) -> str:
-    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    # visible() first: an undecodable byte of a cgroup name becomes a literal \xNN, whose
+    # backslash is then escaped like any other.
+    return visible(v).replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
 
 
 def encode(metrics: Iterable[Metric], fmt: str) -> bytes:
