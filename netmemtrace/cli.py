@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import time
@@ -88,6 +89,12 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="also follow netmem into the network stack (netif_receive_skb, the "
                         "one per-packet probe: ~125 ns per received skb); without it the "
                         "'stack' ownership state is reported unavailable")
+    p.add_argument("--mechanisms", metavar="LIST",
+                   default=os.environ.get("NETMEMTRACE_MECHANISMS") or None,
+                   help="attach only with these mechanisms, comma-separated, from "
+                        "tp_btf,raw_tp,tracepoint,fentry,kprobe (default: all, best first; "
+                        "env NETMEMTRACE_MECHANISMS). E.g. 'tracepoint,kprobe' where fentry "
+                        "misbehaves; hooks with none of them stay detached, saying why")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",

@@ -43,12 +43,13 @@ RAW_OFF = {h: "off: the per-syscall tracepoints serve instead (raw_syscalls woul
               "program on every syscall of the machine)" for h in RAW_SYSCALL_HOOKS}
 
 
-def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None = None
-                ) -> probes.LoadedObject:
+def load_object(kernel: probes.Kernel | None = None,
+                max_entries: dict[str, int] | None = None) -> probes.LoadedObject:
     """The zerocopy object with the per-syscall hooks, or with the raw pair where any of
     them cannot attach (a half-watched syscall set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
-    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF,
+    kernel = kernel or probes.Kernel()
+    lo = probes.load_object("zerocopy", path, kernel=kernel, replaced=RAW_OFF,
                             max_entries=max_entries)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
@@ -56,7 +57,7 @@ def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None 
     lo.close()
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
-    return probes.load_object("zerocopy", path, btf_path=btf_path, max_entries=max_entries,
+    return probes.load_object("zerocopy", path, kernel=kernel, max_entries=max_entries,
                               replaced={h: why for h in PER_SYSCALL_HOOKS})
 
 
