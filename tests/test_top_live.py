@@ -98,6 +98,7 @@ class BatchTop:
         self.proc.wait()
 
 
+@pytest.mark.veth_page_pool
 def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
     try:
@@ -131,6 +132,7 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     assert int(row["INFLIGHT"]) > 0
 
 
+@pytest.mark.veth_page_pool
 def test_zombie_pool_is_highlighted(tmp_path: Path, trace_instance) -> None:
     trace = trace_instance("page_pool/page_pool_release")
     run = BatchTop(tmp_path, "--count", "16", "--interval", "0.5")
