@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -167,11 +168,15 @@ def daemon(podman, image) -> Iterator[Daemon]:
     """The DaemonSet's container, ready once /healthz answers 200 (as its readiness probe)."""
     name = f"nmt-image-test-{os.getpid()}"
     flags, ref, command = pod_spec_flags(pod_spec())
-    # No systemd here to run podman's health-check timers: the test runs the check itself.
-    podman("run", "--detach", f"--name={name}", "--health-interval=disable", *flags, ref,
-           *command)
     d = Daemon(podman, name)
+    # The pod listens on the node's own port: anything already there would answer for it.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(d.url.rpartition(":")[2]))) != 0, \
+            f"{d.url} is taken on this host"
+    # No systemd here to run podman's health-check timers: the test runs the check itself.
     try:
+        podman("run", "--detach", f"--name={name}", "--health-interval=disable", *flags, ref,
+               *command)
         deadline = time.monotonic() + 60
         while True:
             state = d.inspect()["State"]
