@@ -22,9 +22,9 @@ from .collect.memcg import MemcgCollector
 from .collect.netmem import (
     DEFAULT_SAMPLE_N,
     HEAD_PAGE_SYMBOLS,
+    SHARED_MAPS,
     NetmemReader,
     sample_threshold,
-    shared_maps,
 )
 from .collect.pagepool import PagePoolReader, device_summaries
 from .snapshot import SelfStats, Snapshot, Unavailable
@@ -44,12 +44,22 @@ class LoadOptions:
     sizes: dict[str, dict[str, int]]  # object -> map -> max_entries (NETMEMTRACE_MAP_SIZES)
 
 
+def _map_sizes(spec: ObjectSpec, opts: LoadOptions) -> dict[str, int]:
+    """NETMEMTRACE_MAP_SIZES for the maps this object creates: its own, and those objects
+    loaded after it share (a map is sized where it is created)."""
+    sizes = dict(opts.sizes.get(spec.name, {}))
+    for child in (c for c in OBJECT_SPECS if c.after == spec.name):
+        sizes.update((m, n) for m, n in opts.sizes.get(child.name, {}).items()
+                     if m in child.shared)
+    return sizes
+
+
 def _load_generic(spec: ObjectSpec, opts: LoadOptions,
                   parent: probes.LoadedObject | None) -> probes.LoadedObject:
     return probes.load_object(
         spec.name, str(abi.object_path(spec.name)), kernel=opts.kernel,
-        max_entries=opts.sizes.get(spec.name),
-        reuse=spec.reuse(parent) if spec.reuse and parent else None,
+        max_entries=_map_sizes(spec, opts),
+        reuse={m: parent.obj.map(m) for m in spec.shared} if parent else None,
         disabled=None if opts.netmem_stack else spec.off_unless_stack)
 
 
@@ -60,14 +70,15 @@ def _load_zerocopy(spec: ObjectSpec, opts: LoadOptions,
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """How one BPF object loads. after: the object it loads after, in the same thread, and
-    whose maps (reuse) it shares; off_unless_stack: hooks left off without --netmem-stack."""
+    """How one BPF object loads. after: the object it loads after, in the same thread;
+    shared: that object's maps this one uses instead of its own; off_unless_stack: hooks
+    left off without --netmem-stack."""
 
     name: str
     load: Callable[[ObjectSpec, LoadOptions, probes.LoadedObject | None],
                    probes.LoadedObject] = _load_generic
     after: str | None = None
-    reuse: Callable[[probes.LoadedObject], dict[str, libbpf.Map]] | None = None
+    shared: tuple[str, ...] = ()
     off_unless_stack: dict[str, str] | None = None
 
 
@@ -78,7 +89,7 @@ OBJECT_SPECS = (
     ObjectSpec("memcg"),
     ObjectSpec("zerocopy", load=_load_zerocopy),
     # One netmem table, filled by the pagepool object's programs on page_pool events.
-    ObjectSpec("netmem", after="pagepool", reuse=shared_maps, off_unless_stack=STACK_OFF),
+    ObjectSpec("netmem", after="pagepool", shared=SHARED_MAPS, off_unless_stack=STACK_OFF),
     ObjectSpec("holders"),
 )
 
