@@ -33,7 +33,7 @@ from test_serve_live import Prometheus, http_get
 
 from netmemtrace import caps, demo, netns_broker
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.image]
 
 BUILD = REPO / "deploy" / "image" / "build.sh"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
