@@ -64,6 +64,9 @@ def require_v2() -> None:
                     f"({os.uname().release}), which has no memory.stat `sock` and whose "
                     "hierarchy belongs to this host's supervisor; the kernel-matrix guests "
                     "(cgroup v2, NETMEMTRACE_GUEST=1) run it")
+    # ss -m reads skmem through inet_diag: without the module (nothing autoloads it in the
+    # guests) ss falls back to /proc/net/tcp, which has no skmem.
+    subprocess.run(["modprobe", "-q", "tcp_diag"], check=False)
 
 
 def wait_for(what: str, fn: Callable[[], bool]) -> None:
@@ -87,8 +90,9 @@ def ss_socket(port: int) -> SockMem | None:
                          check=True, capture_output=True, text=True).stdout
     recv_q = re.match(r"\s*(\d+)", out)
     skmem = re.search(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f(\d+),w(\d+)", out)
-    if not recv_q or not skmem:
+    if not recv_q:
         return None
+    assert skmem, f"ss -m shows no skmem (no inet_diag?): {out!r}"
     return SockMem(int(recv_q.group(1)), *(int(x) for x in skmem.groups()))
 
 
