@@ -226,9 +226,11 @@ FILLER = (
     "print(n,flush=True)\nsys.stdin.readline()\n")
 
 
-def virtio_device(nic: str) -> str:
-    """The virtio bus device under a netdev (what .../virtio_net/unbind takes)."""
-    return Path(f"/sys/class/net/{nic}/device").resolve().name
+def virtio_devices() -> dict[str, str]:
+    """netdev -> its virtio bus device (what .../virtio_net/unbind takes). Read while the
+    NICs are in our netns: sysfs shows a netdev only in its own netns."""
+    drv = Path("/sys/bus/virtio/drivers/virtio_net")
+    return {n.name: n.parent.parent.name for n in drv.glob("virtio*/net/*")}
 
 
 def recv_q(ns: str, port: int) -> int:
@@ -253,9 +255,11 @@ def test_zombie_of_an_unbound_virtio_nic() -> None:
         pytest.skip("does not apply here: needs a NIC driver whose pools netlink lists "
                     "(virtio_net on 7.x, the kernel-matrix guests 7.2 and 7.3); this is "
                     f"{os.uname().release}{' (guest)' if GUEST else ''}")
+    subprocess.run(["modprobe", "virtio_net"], check=False)
+    devices = virtio_devices()
     with virtio_topology() as (_tx_nic, rx_nic), Session() as session, \
             contextlib.ExitStack() as stack:
-        device = virtio_device(rx_nic)
+        device = devices[rx_nic]
         holder = subprocess.Popen(["ip", "netns", "exec", NS[1], sys.executable, "-c", HOLDER,
                                    "10.77.0.2", str(ZOMBIE_PORT)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
