@@ -295,13 +295,15 @@ def test_zombie_of_an_unbound_virtio_nic() -> None:
                 break
             assert time.monotonic() < deadline, (listed, tool)
             time.sleep(1)
-        assert not [f for f in session.failed if f.object == "holders"], session.failed
-        holding = []
         for pid_, truth in listed.items():
             p = tool[pid_]
             assert p.state == "zombie"
             assert abs(p.zombie_age_ns / 1e9 - (boot_s - truth["detach_time"])) <= 1
             assert p.inflight_bytes == truth["inflight_mem"]
+        assert not [f for f in session.failed if f.object == "holders"], session.failed
+        holding = []
+        for pid_ in listed:
+            p = tool[pid_]
             assert sum(h.pages for h in p.holders) == p.inflight_pages, p.holders
             socks = [h for h in p.holders if h.kind == "socket" and h.pid == pid]
             if socks:
