@@ -248,8 +248,10 @@ class Session:
             (pools, (), Unavailable("the netmem collector failed: see errors")))
         pools = guarded("holders", lambda: self._holders.annotate(pools)
                         if self._holders else pools, pools)
-        memcgs, memcg_self = guarded(
-            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None), ((), None))
+        no_memcg = Unavailable("the memcg object is not loaded: see `netmemtrace probes`")
+        memcgs, memcg_self, unaccepted = guarded(
+            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None, no_memcg),
+            ((), None, Unavailable("the memcg collector failed: see errors")))
         run_time: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
         run_cnt: dict[str, int] | Unavailable = run_time
         if _bpf_stats_enabled():
@@ -279,6 +281,7 @@ class Session:
             devmem_sockets=devmem_sockets,
             netmem=netmem,
             devices=guarded("devices", lambda: device_summaries(pools), ()),
+            unaccepted_sockets=unaccepted,
         )
 
     @property
