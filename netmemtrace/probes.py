@@ -23,6 +23,9 @@ from . import kallsyms, libbpf
 # Preference order: typed BTF tracepoints are cheapest, classic tracepoints need tracefs,
 # fentry beats kprobe (no int3/trampoline-free entry, typed args).
 MECHANISMS = ("tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
+FUNCTION_MECHANISMS = ("fentry", "kprobe")
+# --mechanisms sets it; tests and the kernel matrix use it to force one function-probe kind.
+MECHANISMS_ENV = "NETMEMTRACE_MECHANISMS"
 TRACEFS = Path("/sys/kernel/tracing")
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
@@ -77,6 +80,38 @@ class ProbeStatus:
 
 OFF_CHOICE = "choice"
 OFF_REPLACED = "replaced"
+
+
+def allowed_mechanisms(text: str | None) -> frozenset[str]:
+    """The mechanisms hooks may use, from a comma list such as "kprobe": each class
+    (function probes: fentry, kprobe; tracepoints: tp_btf, raw_tp, tracepoint) is narrowed
+    to the mechanisms named of it, a class with none named stays whole. ValueError names an
+    unknown mechanism."""
+    named = {m.strip() for m in (text or "").split(",") if m.strip()}
+    if bad := sorted(named - set(MECHANISMS)):
+        raise ValueError(f"unknown mechanism {bad[0]!r} (known: {', '.join(MECHANISMS)})")
+    allowed = set(MECHANISMS)
+    for cls in (FUNCTION_MECHANISMS, tuple(m for m in MECHANISMS
+                                           if m not in FUNCTION_MECHANISMS)):
+        if named & set(cls):
+            allowed -= set(cls) - named
+    return frozenset(allowed)
+
+
+def env_mechanisms() -> frozenset[str]:
+    """allowed_mechanisms() of NETMEMTRACE_MECHANISMS; SetupError if it is malformed."""
+    try:
+        return allowed_mechanisms(os.environ.get(MECHANISMS_ENV))
+    except ValueError as exc:
+        raise SetupError(f"{MECHANISMS_ENV}: {exc}") from None
+
+
+def not_selected(mechanism: str) -> str:
+    """Why a mechanism was not tried: NETMEMTRACE_MECHANISMS, or the caller's choice."""
+    env = os.environ.get(MECHANISMS_ENV)
+    if env and mechanism not in allowed_mechanisms(env):
+        return f"not selected ({MECHANISMS_ENV}={env})"
+    return "not selected (another mechanism serves the hook's family)"
 
 
 def _section_target(section: str) -> tuple[str, str]:
@@ -220,7 +255,8 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
                 max_entries: dict[str, int] | None = None,
                 disabled: dict[str, str] | None = None,
                 replaced: dict[str, str] | None = None,
-                reuse: dict[str, libbpf.Map] | None = None) -> LoadedObject:
+                reuse: dict[str, libbpf.Map] | None = None,
+                mechanisms: frozenset[str] | None = None) -> LoadedObject:
     """Open, load and attach an object, falling back per hook to the next mechanism.
 
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
@@ -228,6 +264,7 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
     disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
     replaced: hook -> which other hooks do its work instead; not loaded either.
     reuse: map name -> a map of an object loaded before, which this object shares.
+    mechanisms: narrows the mechanisms NETMEMTRACE_MECHANISMS allows further.
     """
     hooks = read_catalogue(path, btf_path)
     for kind, off in ((OFF_CHOICE, disabled), (OFF_REPLACED, replaced)):
@@ -236,12 +273,15 @@ def load_object(name: str, path: str, *, btf_path: str | None = None,
                 hooks[hook_name].off, hooks[hook_name].off_kind = why, kind
                 for cand in hooks[hook_name].candidates:
                     cand.failure = why
+    allowed = env_mechanisms() & (mechanisms or frozenset(MECHANISMS))
     for hook in hooks.values():
         for cand in hook.candidates:
             if cand.failure:
                 continue  # disabled
             if force and cand.mechanism != force:
                 cand.failure = f"not selected (forced {force})"
+            elif cand.mechanism not in allowed:
+                cand.failure = not_selected(cand.mechanism)
             elif not force:
                 cand.failure = static_check(cand, btf_path)
 

@@ -30,25 +30,100 @@ COUNTER_FIELDS = (
 )
 
 
-# Syscall hooks come in two families in bpf/zerocopy.bpf.c; exactly one is loaded. The
-# per-syscall tracepoints cost an unwatched syscall 65 ns, against 118 ns for the raw
-# sys_enter/sys_exit pair, which runs a program on every syscall of the machine (bench part
-# 4: a getppid() loop with bpf_stats off). The raw pair serves where the per-syscall events
+# Two families of hooks follow zerocopy in bpf/zerocopy.bpf.c; exactly one is loaded.
+# Function probes where they attach: the kernel functions doing the work, paid only by that
+# work. Syscall tracepoints otherwise, which put every thread of the host on the syscall
+# tracing slow path (bench part 4: getppid +54 ns, +33 %). Among those, the per-syscall
+# tracepoints cost an unwatched syscall 65 ns, against 118 ns for the raw sys_enter/sys_exit
+# pair (a program on every syscall of the machine), which serves where the per-syscall events
 # are missing (CONFIG_FTRACE_SYSCALLS off, no tracefs) or refuse to attach.
 WATCHED_SYSCALLS = ("getsockopt", "sendmsg", "sendto", "sendmmsg", "recvmsg", "mmap", "munmap",
                     "madvise", "mremap")
 PER_SYSCALL_HOOKS = tuple(f"sys_{d}_{n}" for n in WATCHED_SYSCALLS for d in ("enter", "exit"))
 RAW_SYSCALL_HOOKS = ("sys_enter", "sys_exit")
+SYSCALL_HOOKS = PER_SYSCALL_HOOKS + RAW_SYSCALL_HOOKS
 RAW_OFF = {h: "off: the per-syscall tracepoints serve instead (raw_syscalls would run a "
               "program on every syscall of the machine)" for h in RAW_SYSCALL_HOOKS}
+# The function-probe family. The per-vma page-table zap was renamed in 6.19: the kernel has
+# one of ZAP_HOOKS. The *_ret hooks are kretprobes only: fexit reads the return itself.
+ZAP_HOOKS = ("unmap_page_range", "__zap_vma_range")
+KRETPROBE_HOOKS = ("tcp_zerocopy_receive_ret", "move_page_tables_ret")
+FUNCTION_HOOKS = ("tcp_zerocopy_receive", "tcp_sendmsg_locked", "tcp_sendmsg_locked_ret",
+                  "sock_dequeue_err_skb", "move_page_tables") + KRETPROBE_HOOKS + ZAP_HOOKS
+
+
+def _needed(mechanism: str) -> tuple[str, ...]:
+    """The function hooks that must attach with mechanism (besides one of ZAP_HOOKS)."""
+    return tuple(h for h in FUNCTION_HOOKS if h not in ZAP_HOOKS
+                 and (mechanism == "kprobe" or h not in KRETPROBE_HOOKS))
+
+
+def _family_missing(status: list[probes.ProbeStatus] | dict[str, str | None],
+                    mechanism: str) -> str | None:
+    """Why the function family cannot serve with mechanism: the first needed hook that
+    cannot (status: hook -> None when it can, else why), or None."""
+    why = status if isinstance(status, dict) else {
+        s.hook: None if s.attached and s.mechanism == mechanism else s.reason or "not attached"
+        for s in status}
+    for hook in _needed(mechanism):
+        if why.get(hook, "not in the object") is not None:
+            return f"{hook}: {why.get(hook, 'not in the object')}"
+    if all(why.get(h, "not in the object") is not None for h in ZAP_HOOKS):
+        return "; ".join(f"{h}: {why.get(h, 'not in the object')}" for h in ZAP_HOOKS)
+    return None
+
+
+def _static_plan(path: str, btf_path: str | None) -> tuple[str | None, str]:
+    """The function-probe mechanism every needed hook can use on this kernel, decided
+    without loading (a load that is then redone costs start-up), or None and why not."""
+    hooks = probes.read_catalogue(path, btf_path)
+    allowed = probes.env_mechanisms()
+    reasons = []
+    for mech in probes.FUNCTION_MECHANISMS:
+        if mech not in allowed:
+            reasons.append(f"{mech}: {probes.not_selected(mech)}")
+            continue
+        why: dict[str, str | None] = {}
+        for name, hook in hooks.items():
+            cand = next((c for c in hook.candidates if c.mechanism == mech), None)
+            if cand is not None:
+                why[name] = probes.static_check(cand, btf_path)
+        missing = _family_missing(why, mech)
+        if missing is None:
+            return mech, ""
+        reasons.append(f"{mech}: {missing}")
+    return None, "; ".join(reasons)
 
 
 def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None = None
                 ) -> probes.LoadedObject:
-    """The zerocopy object with the per-syscall hooks, or with the raw pair where any of
-    them cannot attach (a half-watched syscall set would count some calls and not others)."""
+    """The zerocopy object with the function-probe family (fentry, else kprobe) where every
+    one of its hooks attaches, else the per-syscall tracepoints, else the raw syscall pair
+    (a half-watched set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
-    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF,
+    mech, why = _static_plan(path, btf_path)
+    tried = []
+    for m in (mech, "kprobe") if mech == "fentry" else (mech,):
+        if m is None or (m == "kprobe" and "kprobe" not in probes.env_mechanisms()):
+            continue
+        replaced = {h: f"replaced: function probes ({m}) follow zerocopy where it happens; "
+                       "syscall tracepoints would tax every syscall of the host"
+                    for h in SYSCALL_HOOKS}
+        if m == "fentry":
+            replaced |= {h: "replaced: fexit on " + h.removesuffix("_ret") + " reads the "
+                            "return" for h in KRETPROBE_HOOKS}
+        lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=replaced,
+                                max_entries=max_entries, mechanisms=frozenset(probes.MECHANISMS) -
+                                (set(probes.FUNCTION_MECHANISMS) - {m}))
+        missing = _family_missing(lo.status(), m)
+        if missing is None:
+            return lo
+        lo.close()
+        tried.append(f"{m}: {missing}")
+    why = "; ".join(tried) or why
+    fn_off = {h: f"off: function probes cannot serve ({why}); the syscall tracepoints do"
+              for h in FUNCTION_HOOKS}
+    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF | fn_off,
                             max_entries=max_entries)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
@@ -57,7 +132,7 @@ def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None 
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
     return probes.load_object("zerocopy", path, btf_path=btf_path, max_entries=max_entries,
-                              replaced={h: why for h in PER_SYSCALL_HOOKS})
+                              replaced=fn_off | {h: why for h in PER_SYSCALL_HOOKS})
 
 
 class TxTracker:
