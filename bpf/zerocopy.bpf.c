@@ -1056,9 +1056,14 @@ int move_page_tables__fentry(__u64 *ctx)
 	bpf_get_func_ret(ctx, &ret);
 	bpf_get_func_arg(ctx, 0, &a0);
 	if (bpf_core_type_exists(struct pagetable_move_control)) {
+		/*
+		 * The kernel advances old_addr and new_addr as it moves (7.3: both end at the
+		 * end of the move); old_end and len_in stay, so the start is old_end - len_in.
+		 */
 		pmc = (void *)a0;
-		return on_moved(BPF_CORE_READ(pmc, old), BPF_CORE_READ(pmc, old_addr),
-				BPF_CORE_READ(pmc, new_addr), ret);
+		a1 = BPF_CORE_READ(pmc, old_end) - BPF_CORE_READ(pmc, len_in);
+		a3 = BPF_CORE_READ(pmc, new_addr) - (BPF_CORE_READ(pmc, old_addr) - a1);
+		return on_moved(BPF_CORE_READ(pmc, old), a1, a3, ret);
 	}
 	bpf_get_func_arg(ctx, 1, &a1);
 	bpf_get_func_arg(ctx, 3, &a3);
