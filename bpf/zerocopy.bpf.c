@@ -122,13 +122,6 @@ struct zc_pending {
 	__u32 zc_enabled;
 };
 
-/* Processes we count for: their last memcg, and whether they hold zerocopy mappings. */
-struct zc_task {
-	__u64 cgroup_id;
-	__u32 rx_mapped;
-	__u32 pad;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, MAX_PROCS);
@@ -169,9 +162,10 @@ __u64 pending_threads SEC(".data.pending");
 
 /*
  * Set once a process has mapped TCP_ZEROCOPY_RECEIVE pages: until then the zap and move
- * probes (every munmap and exit of the host) return at this load.
+ * probes (every munmap and exit of the host) return at this load. Its own map: userspace
+ * sets it too, when it finds mappings made before netmemtrace started.
  */
-__u32 rx_mapped_seen;
+__u32 rx_mapped_seen SEC(".data.seen");
 
 /*
  * Sockets a process received TCP_ZEROCOPY_RECEIVE mappings on -> that process: bytes it then

@@ -221,6 +221,35 @@ def test_ratio_is_the_workloads_own_mmaped_percentage(session, workload, netns) 
             w.stop()
 
 
+def test_mapped_before_attach_has_a_row_and_is_followed(workload, netns) -> None:
+    """A process already holding zerocopy pages when netmemtrace attaches made no call it
+    could see: its mappings are found at start (/proc maps + pagemap), it has a row with the
+    pages it holds (to the byte of smaps), and its later unmaps reach the ledger."""
+    with child_memcg("before") as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "hold")
+        lo = zerocopy.load_object()
+        memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
+        collector = MemcgCollector(memcg_lo, lo, rows=zerocopy.DUMP_ROWS)
+        try:
+            held = w.totals["held_bytes"]
+            for step in (None, "dontneed_half", "munmap"):
+                if step:
+                    held = w.command(step)["held_bytes"]
+                memcgs, _ = collector.read(time.monotonic_ns())
+                (m,) = [m for m in memcgs if m.path == rel]
+                (p,) = m.processes
+                assert (p.pid, p.zerocopy.rx_calls) == (w.pid, 0)
+                assert p.zerocopy_unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                assert p.smaps_socket_rss_bytes == held and p.ledger_vs_smaps_bytes == 0
+                assert m.zerocopy_unaccounted_bytes == held
+            assert held == 0 and p.zerocopy_unaccounted_hwm_bytes == w.totals["held_bytes"]
+        finally:
+            w.stop()
+            collector.close()
+            memcg_lo.close()
+            lo.close()
+
+
 def test_map_then_discard(session, workload, netns) -> None:
     with child_memcg("discard") as (d, rel):
         w = Workload(workload, netns, d, str(STREAM), "discard")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 from .. import abi, libbpf, probes
 from ..snapshot import Unavailable, ZerocopyStats
+from . import cgroups
 from .ledger import PAGE, Ledger
 
 ZC_EV_RX_MAP, ZC_EV_UNMAP, ZC_EV_MAP_NEW, ZC_EV_MREMAP = 1, 2, 3, 4
@@ -198,6 +200,49 @@ def smaps_socket_rss(pid: int) -> int:
     return total
 
 
+def mapped_socket_pages(pid: int) -> list[tuple[int, int]]:
+    """[start, end) runs of pages mapped now in the socket mappings of pid (TCP zerocopy
+    windows), from /proc/PID/maps and the present bit of /proc/PID/pagemap."""
+    vmas = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "socket:[" in line:
+                lo, _, hi = line.split(maxsplit=1)[0].partition("-")
+                vmas.append((int(lo, 16), int(hi, 16)))
+    runs: list[tuple[int, int]] = []
+    if not vmas:
+        return runs
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for lo, hi in vmas:
+            pm.seek(lo // PAGE * 8)
+            entries = pm.read((hi - lo) // PAGE * 8)
+            for i in range(0, len(entries), 8):
+                if entries[i + 7] & 0x80:  # bit 63: present
+                    addr = lo + i // 8 * PAGE
+                    if runs and runs[-1][1] == addr:
+                        runs[-1] = (runs[-1][0], addr + PAGE)
+                    else:
+                        runs.append((addr, addr + PAGE))
+    return runs
+
+
+def memcg_id_of(pid: int) -> int | None:
+    """The id BPF's task_memcg_id() gives pid's tasks: the inode of its memory cgroup, on
+    v2 the nearest ancestor with the memory controller (the css a task is charged to)."""
+    hierarchy = cgroups.memory_hierarchy()
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            if hierarchy == "v2" and hid == "0" and (root := cgroups.v2_root()):
+                d = root / path.lstrip("/")
+                while d != root and not (d / "memory.stat").exists():
+                    d = d.parent
+                return os.stat(d).st_ino
+            if hierarchy == "v1" and "memory" in controllers.split(","):
+                return os.stat(cgroups.V1_MEMORY / path.lstrip("/")).st_ino
+    return None
+
+
 def comm_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -261,6 +306,11 @@ class ZerocopyReader:
         self._stats_t = btf.struct("zc_stats")
         self._counters = obj.map("zc_counters")
         self._stats = obj.map("zc_stats")
+        self._tasks = obj.map("zc_tasks")
+        self._seen = obj.map(".data.seen")
+        self._task_t = btf.struct("zc_task")
+        self.seeded_pids: set[int] = set()
+        self._seeded = threading.Event()  # the draining thread's seed() is done
         self.ledger = Ledger(max_ranges)
         self.tx = TxTracker()
         self.exited: dict[int, dict[str, int]] = {}  # memcg id -> counters of exited procs
@@ -285,7 +335,38 @@ class ZerocopyReader:
                                                 daemon=True)
                 self._thread.start()
 
+    def seed(self) -> None:
+        """Mappings made before netmemtrace attached: the kernel saw no call to tell the
+        ledger, so every process's socket mappings are read once from /proc (maps, and
+        pagemap's present bit), entered in the ledger, and the process followed from now on
+        as if it had mapped them while traced. Run by the draining thread, after the hooks
+        attached (an unmap from then on reaches the ledger after this)."""
+        with self._lock:
+            self._rb.poll(0)
+            now = time.monotonic_ns()
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or (pid := int(entry.name)) in self.ledger.pids():
+                    continue
+                try:
+                    runs = mapped_socket_pages(pid)
+                    memcg = memcg_id_of(pid) if runs else None
+                except (OSError, ValueError):
+                    continue  # gone, or not ours to read
+                if memcg is None:
+                    continue
+                for lo, hi in runs:
+                    self.ledger.rx_map(pid, memcg, lo, hi - lo, now)
+                self._tasks.update(ctypes.c_uint32(pid),
+                                   bytes(self._task_t(cgroup_id=memcg, rx_mapped=1)))
+                self.seeded_pids.add(pid)
+            if self.seeded_pids:
+                self._seen.update(ctypes.c_uint32(0), (1).to_bytes(4, sys.byteorder))
+
     def _run(self) -> None:
+        try:
+            self.seed()
+        finally:
+            self._seeded.set()
         # Wait for samples outside the lock, consume under it: read() never waits on a
         # poll timeout (libbpf's ring_buffer is not safe to poll from two threads at once).
         while not self._stop.is_set():
@@ -372,6 +453,8 @@ class ZerocopyReader:
         """(per-process figures, exited processes' rows within their retention last;
         exited counters per memcg; ledger hwm per memcg). now_ns: CLOCK_MONOTONIC."""
         self.start()
+        if self._thread is not None:
+            self._seeded.wait()
         with self._lock:
             self._rb.poll(0)
             self._expire(time.monotonic_ns() if now_ns is None else now_ns)
@@ -388,6 +471,14 @@ class ZerocopyReader:
                     unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0) if own else 0,
                     oldest_mapped_ns=led.oldest_mapped_ns(pid) if own else None,
                     inflight_bytes=inflight.get(pid, 0)))
+            # Seeded processes that made no call since: a row for the pages they hold.
+            for pid in self.seeded_pids & set(led.pids()) - {p for p, _ in counters}:
+                memcg = led.memcg_of(pid)
+                procs.append(ProcessFigures(
+                    pid=pid, memcg_id=memcg or 0, counters=dict.fromkeys(COUNTER_FIELDS, 0),
+                    unaccounted_bytes=led.held_bytes(pid),
+                    unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0),
+                    oldest_mapped_ns=led.oldest_mapped_ns(pid), inflight_bytes=0))
             procs += self.gone.values()
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
 
