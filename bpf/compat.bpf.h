@@ -68,6 +68,141 @@ struct skb_defer_node___nmt {
 	atomic_long_t defer_count;
 } __attribute__((preserve_access_index));
 
+/* ---- the page_pool fields of a netmem (page or net_iov) ---- */
+
+/*
+ * 6.16 ("netmem: introduce struct netmem_desc mirroring struct page") gave page_pool's
+ * fields their own struct, laid over struct page at offset 0 and embedded in net_iov as
+ * .desc; 7.x dropped net_iov's own copies. Before, page and net_iov each had pp_magic
+ * and pp (6.16-6.18 keep net_iov's in an anonymous struct, which CO-RE matches too).
+ */
+struct netmem_desc___nmt {
+	unsigned long pp_magic;
+	struct page_pool *pp;
+} __attribute__((preserve_access_index));
+
+struct net_iov___desc {
+	struct netmem_desc___nmt desc;
+} __attribute__((preserve_access_index));
+
+struct net_iov___flat {
+	unsigned long pp_magic;
+	struct page_pool *pp;
+} __attribute__((preserve_access_index));
+
+struct page___pp {
+	unsigned long pp_magic;
+	struct page_pool *pp;
+} __attribute__((preserve_access_index));
+
+/* pp_magic and pp of a netmem_ref (bit 0 set: a net_iov). */
+static __always_inline void netmem_pp_fields(__u64 netmem, __u64 *magic, __u64 *pp)
+{
+	__u64 addr = netmem & ~1ULL;
+
+	if (bpf_core_type_exists(struct netmem_desc___nmt)) {
+		struct netmem_desc___nmt *d = (void *)addr;
+
+		if ((netmem & 1) && bpf_core_field_exists(struct net_iov___desc, desc))
+			d = (void *)(addr + bpf_core_field_offset(struct net_iov___desc, desc));
+		*magic = BPF_CORE_READ(d, pp_magic);
+		*pp = (__u64)BPF_CORE_READ(d, pp);
+	} else if (netmem & 1) {
+		struct net_iov___flat *n = (void *)addr;
+
+		*magic = *pp = 0;
+		if (!bpf_core_field_exists(struct net_iov___flat, pp))
+			return;	/* before 6.12 ("net: netmem: add net_iov"): no net_iov */
+		*magic = BPF_CORE_READ(n, pp_magic);
+		*pp = (__u64)BPF_CORE_READ(n, pp);
+	} else {
+		struct page___pp *p = (void *)addr;
+
+		*magic = BPF_CORE_READ(p, pp_magic);
+		*pp = (__u64)BPF_CORE_READ(p, pp);
+	}
+}
+
+/*
+ * Offset of pp_alloc_cache.cache, the pool's lockless alloc cache: struct page * entries
+ * until 6.10 ("page_pool: convert to use netmem"), netmem_ref after. CO-RE matches a field
+ * only with its type, so each era has its flavour.
+ */
+struct pp_alloc_cache___netmem {
+	unsigned long cache[1];
+} __attribute__((preserve_access_index));
+
+struct pp_alloc_cache___page {
+	struct page *cache[1];
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 pp_alloc_cache_offset(void)
+{
+	if (bpf_core_field_exists(struct pp_alloc_cache___netmem, cache))
+		return bpf_core_field_offset(struct pp_alloc_cache___netmem, cache);
+	return bpf_core_field_offset(struct pp_alloc_cache___page, cache);
+}
+
+/* ---- compound pages ---- */
+
+/*
+ * A tail page names its head in page->compound_head as head | 1. 7.x renamed the field
+ * compound_info ("mm: rework compound_head() for power-of-2 sizeof(struct page)"): it
+ * holds either head | 1 or, where struct page's size is a power of 2, mask | 1 with the
+ * head at page & mask. A mask is ones down to some bit then zeros, which no page
+ * pointer is.
+ */
+struct page___compound_head {
+	unsigned long compound_head;
+} __attribute__((preserve_access_index));
+
+struct page___compound_info {
+	unsigned long compound_info;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 page_compound_head(__u64 page)
+{
+	__u64 info, x;
+
+	if (bpf_core_field_exists(struct page___compound_head, compound_head)) {
+		info = BPF_CORE_READ((struct page___compound_head *)page, compound_head);
+		return info & 1 ? info - 1 : page;
+	}
+	if (!bpf_core_field_exists(struct page___compound_info, compound_info))
+		return page;
+	info = BPF_CORE_READ((struct page___compound_info *)page, compound_info);
+	if (!(info & 1))
+		return page;
+	x = ~(info & ~1ULL);
+	return (x & (x + 1)) == 0 ? page & info : info - 1;
+}
+
+/* ---- slab ---- */
+
+/*
+ * kmem_cache.node[] became per_node[].node in 7.x, when the slab allocator's per-CPU
+ * sheaves gained per-node barns beside each node's kmem_cache_node.
+ */
+struct kmem_cache___node {
+	struct kmem_cache_node *node[1];
+} __attribute__((preserve_access_index));
+
+struct kmem_cache_per_node_ptrs___nmt {
+	struct kmem_cache_node *node;
+} __attribute__((preserve_access_index));
+
+struct kmem_cache___per_node {
+	struct kmem_cache_per_node_ptrs___nmt per_node[1];
+} __attribute__((preserve_access_index));
+
+/* The first NUMA node's kmem_cache_node of a cache. */
+static __always_inline struct kmem_cache_node *kmem_cache_node0(struct kmem_cache *s)
+{
+	if (bpf_core_field_exists(struct kmem_cache___per_node, per_node))
+		return BPF_CORE_READ((struct kmem_cache___per_node *)s, per_node[0].node);
+	return BPF_CORE_READ((struct kmem_cache___node *)s, node[0]);
+}
+
 /* ---- constants that were Kconfig externs ---- */
 
 /*

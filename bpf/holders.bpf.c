@@ -154,19 +154,7 @@ static __always_inline __u64 zombie_pool_of(__u64 netmem)
 
 	if (!netmem)
 		return 0;
-	if (netmem & NETMEM_NET_IOV_BIT) {
-		if (bpf_core_type_exists(struct net_iov)) {
-			struct net_iov *niov = (void *)(netmem & ~NETMEM_NET_IOV_BIT);
-
-			magic = BPF_CORE_READ(niov, pp_magic);
-			pp = (__u64)BPF_CORE_READ(niov, pp);
-		}
-	} else {
-		struct page *page = (void *)netmem;
-
-		magic = BPF_CORE_READ(page, pp_magic);
-		pp = (__u64)BPF_CORE_READ(page, pp);
-	}
+	netmem_pp_fields(netmem, &magic, &pp);
 	if (!pp || !is_pp_magic(magic))
 		return 0;
 	return bpf_map_lookup_elem(&zombie_pools, &pp) ? pp : 0;
@@ -179,16 +167,13 @@ static __always_inline __u64 page_base_of(__u64 page, __u64 addr, __u32 page_shi
 }
 
 /*
- * virt_to_page() of a direct-map address, then compound_head(): a tail page's
- * compound_head is its head | 1 (page_pool pages of order > 0 are compound).
+ * virt_to_page() of a direct-map address, then compound_head() (page_pool pages of
+ * order > 0 are compound).
  */
 static __always_inline __u64 head_netmem(const struct holders_config *cfg, __u64 addr)
 {
-	struct page *page = (void *)(cfg->page_base +
-				     (addr >> cfg->page_shift) * bpf_core_type_size(struct page));
-	__u64 head = BPF_CORE_READ(page, compound_head);
-
-	return head & 1 ? head - 1 : (__u64)page;
+	return page_compound_head(cfg->page_base +
+				  (addr >> cfg->page_shift) * bpf_core_type_size(struct page));
 }
 
 static __always_inline __u32 emit_ref(__u64 owner, __u64 netmem, __u32 where)
@@ -690,7 +675,7 @@ int holders_slab(struct bpf_iter__kmem_cache *ctx)
 		return 0;
 	if (BPF_CORE_READ(s, oo.x) >> OO_SHIFT)
 		return 0;
-	n = BPF_CORE_READ(s, node[0]);
+	n = kmem_cache_node0(s);
 	if (!n)
 		return 0;
 	head = (__u64)n + bpf_core_field_offset(struct kmem_cache_node, partial);

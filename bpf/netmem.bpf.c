@@ -36,6 +36,7 @@
 #include <bpf/bpf_tracing.h>
 #include "netmemtrace.h"
 #include "common.bpf.h"
+#include "compat.bpf.h"
 #include "netmem_table.bpf.h"
 
 #define MAX_CALLS 4096
@@ -92,12 +93,10 @@ struct {
 /* The pool a netmem belongs to, from its own pp field (page and net_iov alike). */
 static __always_inline __u64 netmem_pool(__u64 netmem)
 {
-	struct net_iov *niov = (void *)(netmem & ~NETMEM_NET_IOV_BIT);
-	struct page *page = (void *)netmem;
+	__u64 magic, pp;
 
-	if (netmem & NETMEM_NET_IOV_BIT)
-		return (__u64)BPF_CORE_READ(niov, pp);
-	return (__u64)BPF_CORE_READ(page, pp);
+	netmem_pp_fields(netmem, &magic, &pp);
+	return pp;
 }
 
 /* A socket's record; a new one if the address belonged to a socket destroyed since. */
@@ -333,7 +332,7 @@ static long refilled_one(__u64 i, __u64 *cache)
 static __noinline void on_zcrx_refill(__u64 pool, __u64 netmem)
 {
 	__u64 alloc = pool + bpf_core_field_offset(struct page_pool, alloc);
-	__u64 cache = alloc + bpf_core_field_offset(struct pp_alloc_cache, cache);
+	__u64 cache = alloc + pp_alloc_cache_offset();
 	__u32 count = 0;
 
 	stat_inc(zcrx_refills);
@@ -349,7 +348,7 @@ static __noinline void on_zcrx_refill(__u64 pool, __u64 netmem)
 
 static __always_inline __u64 head_page(struct sk_buff *skb)
 {
-	__u64 pob = 0, vmb = 0, va, page, compound = 0;
+	__u64 pob = 0, vmb = 0, va, page;
 
 #if defined(__TARGET_ARCH_x86)
 	/*
@@ -366,9 +365,7 @@ static __always_inline __u64 head_page(struct sk_buff *skb)
 		return 0;
 	page = vmb + ((va - pob) >> 12) * bpf_core_type_size(struct page);
 	/* A page of a higher-order pool: the pool owns the compound head. */
-	bpf_probe_read_kernel(&compound, sizeof(compound),
-			      (void *)page + bpf_core_field_offset(struct page, compound_head));
-	return compound & 1 ? compound - 1 : page;
+	return page_compound_head(page);
 #else
 	return 0;
 #endif

@@ -178,11 +178,11 @@ static __noinline void netmem_move(struct netmem_entry *e, __u32 to)
 
 			/*
 			 * The compiler knows bucket < 64 and drops a mask; 6.1's verifier does
-			 * not (it loses the bound through log2's ORs): a bound it can see.
+			 * not (it loses the bound through log2's ORs): the barrier hides the
+			 * value from the compiler, so the mask stays for the verifier to see.
 			 */
 			barrier_var(bucket);
-			if (bucket >= NETMEM_HOLD_BUCKETS)
-				bucket = NETMEM_HOLD_BUCKETS - 1;
+			bucket &= NETMEM_HOLD_BUCKETS - 1;
 			c->hold_log2_ns[bucket] += 1;
 			c->hold_count += 1;
 			c->hold_sum_ns += held;

@@ -55,14 +55,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _mechanisms(text: str) -> str:
-    try:
-        probes.allowed_mechanisms(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _command_module(name: str) -> ModuleType:
     return importlib.import_module(COMMAND_MODULES[name])
 
@@ -97,12 +89,12 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="also follow netmem into the network stack (netif_receive_skb, the "
                         "one per-packet probe: ~125 ns per received skb); without it the "
                         "'stack' ownership state is reported unavailable")
-    p.add_argument("--mechanisms", type=_mechanisms, metavar="LIST",
-                   help="attach mechanisms hooks may use, comma-separated (e.g. kprobe: "
-                        "function probes by kprobe even where fentry works). Each class, "
-                        "function probes (fentry, kprobe) and tracepoints (tp_btf, raw_tp, "
-                        "tracepoint), is narrowed to those named; a class none is named of "
-                        f"stays whole. Same as {probes.MECHANISMS_ENV}=LIST")
+    p.add_argument("--mechanisms", metavar="LIST",
+                   default=os.environ.get("NETMEMTRACE_MECHANISMS") or None,
+                   help="attach only with these mechanisms, comma-separated, from "
+                        "tp_btf,raw_tp,tracepoint,fentry,kprobe (default: all, best first; "
+                        "env NETMEMTRACE_MECHANISMS). E.g. 'tracepoint,kprobe' where fentry "
+                        "misbehaves; hooks with none of them stay detached, saying why")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="trace for a while, print one JSON snapshot",
@@ -233,8 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     command = next((w for w in words if w in COMMAND_MODULES or w in COMMANDS), None)
     args = _parser(only=command).parse_args(words)
-    if args.mechanisms:  # read where objects load (probes.env_mechanisms)
-        os.environ[probes.MECHANISMS_ENV] = args.mechanisms
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command in COMMAND_MODULES:

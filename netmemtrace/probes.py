@@ -23,9 +23,6 @@ from . import kallsyms, libbpf
 # Preference order: typed BTF tracepoints are cheapest, classic tracepoints need tracefs,
 # fentry beats kprobe (no int3/trampoline-free entry, typed args).
 MECHANISMS = ("tp_btf", "raw_tp", "tracepoint", "fentry", "kprobe")
-FUNCTION_MECHANISMS = ("fentry", "kprobe")
-# --mechanisms sets it; tests and the kernel matrix use it to force one function-probe kind.
-MECHANISMS_ENV = "NETMEMTRACE_MECHANISMS"
 TRACEFS = Path("/sys/kernel/tracing")
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
@@ -82,38 +79,6 @@ OFF_CHOICE = "choice"
 OFF_REPLACED = "replaced"
 
 
-def allowed_mechanisms(text: str | None) -> frozenset[str]:
-    """The mechanisms hooks may use, from a comma list such as "kprobe": each class
-    (function probes: fentry, kprobe; tracepoints: tp_btf, raw_tp, tracepoint) is narrowed
-    to the mechanisms named of it, a class with none named stays whole. ValueError names an
-    unknown mechanism."""
-    named = {m.strip() for m in (text or "").split(",") if m.strip()}
-    if bad := sorted(named - set(MECHANISMS)):
-        raise ValueError(f"unknown mechanism {bad[0]!r} (known: {', '.join(MECHANISMS)})")
-    allowed = set(MECHANISMS)
-    for cls in (FUNCTION_MECHANISMS, tuple(m for m in MECHANISMS
-                                           if m not in FUNCTION_MECHANISMS)):
-        if named & set(cls):
-            allowed -= set(cls) - named
-    return frozenset(allowed)
-
-
-def env_mechanisms() -> frozenset[str]:
-    """allowed_mechanisms() of NETMEMTRACE_MECHANISMS; SetupError if it is malformed."""
-    try:
-        return allowed_mechanisms(os.environ.get(MECHANISMS_ENV))
-    except ValueError as exc:
-        raise SetupError(f"{MECHANISMS_ENV}: {exc}") from None
-
-
-def not_selected(mechanism: str) -> str:
-    """Why a mechanism was not tried: NETMEMTRACE_MECHANISMS, or the caller's choice."""
-    env = os.environ.get(MECHANISMS_ENV)
-    if env and mechanism not in allowed_mechanisms(env):
-        return f"not selected ({MECHANISMS_ENV}={env})"
-    return "not selected (another mechanism serves the hook's family)"
-
-
 def _section_target(section: str) -> tuple[str, str]:
     mech, _, target = section.partition("/")
     return mech, target
@@ -158,6 +123,25 @@ def _btf_tracepoints() -> frozenset[str]:
     return frozenset(m.decode() for m in re.findall(rb"\0btf_trace_(\w+)(?=\0)", data))
 
 
+@functools.cache
+def _btf_iterators() -> frozenset[str]:
+    """BPF iterator targets the kernel has: each is a bpf_iter_TARGET function in BTF."""
+    try:
+        data = VMLINUX_BTF.read_bytes()
+    except OSError:
+        return frozenset()
+    return frozenset(m.decode() for m in re.findall(rb"\0bpf_iter_(\w+)(?=\0)", data))
+
+
+def missing_iterator(section: str) -> str | None:
+    """Why an iter/TARGET program cannot load here (its target is newer than the kernel,
+    e.g. iter/kmem_cache is 6.13+), or None. Other programs: None."""
+    kind, _, target = section.partition("/")
+    if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_iterators():
+        return None
+    return f"iterator {target} not in this kernel"
+
+
 def _lockdown_mode() -> str | None:
     try:
         text = LOCKDOWN.read_text()
@@ -167,54 +151,73 @@ def _lockdown_mode() -> str | None:
     return mode if mode and mode != "none" else None
 
 
-# Mechanisms this kernel refuses outright (e.g. fentry under lockdown), learnt from the first
-# refusal: later objects skip them instead of paying a failed load and a reload each.
-_denied_mechanisms: dict[str, str] = {}
-_fentry_probe_lock = threading.Lock()
-_fentry_probed = False
+class Kernel:
+    """What one session knows about this kernel's attach mechanisms: which it may use
+    (--mechanisms), and which the kernel refused outright (fentry under lockdown), learnt
+    once so that later objects skip them instead of paying a failed load each."""
+
+    def __init__(self, btf_path: str | None = None,
+                 mechanisms: tuple[str, ...] | None = None) -> None:
+        self.btf_path = btf_path
+        self.allowed = mechanisms or MECHANISMS
+        self.refused: dict[str, str] = {}
+        self._fentry_probed = False
+        self._lock = threading.Lock()  # objects load on two threads (Session)
+
+    def refuse(self, mechanism: str, why: str) -> None:
+        with self._lock:
+            self.refused.setdefault(mechanism, why)
+
+    def _fentry_refused(self, target: str) -> str | None:
+        """Whether the kernel refuses fentry programs, found once by loading an empty one
+        on the first fentry target: a refusal found by loading an object costs a reload."""
+        with self._lock:
+            if not self._fentry_probed:
+                err = libbpf.fentry_load_errno(target)
+                if err == errno.EPERM:
+                    self.refused["fentry"] = failure_reason(
+                        Candidate("fentry", "", target), err, "load")
+                self._fentry_probed = err != errno.ENOENT  # that target only: try the next
+            return self.refused.get("fentry")
+
+    def static_check(self, cand: Candidate) -> str | None:
+        """Why the candidate cannot work on this kernel, decided without loading anything."""
+        mech, target = cand.mechanism, cand.tracepoint
+        if mech not in self.allowed:
+            return f"not allowed (--mechanisms {','.join(self.allowed)})"
+        if mech in self.refused:
+            return self.refused[mech]
+        if mech in ("tp_btf", "raw_tp"):
+            name = target.rpartition("/")[2]
+            if VMLINUX_BTF.exists() and name not in _btf_tracepoints():
+                return f"tracepoint {name} not in this kernel"
+            if mech == "tp_btf" and not VMLINUX_BTF.exists():
+                return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
+        elif mech == "tracepoint":
+            if not (TRACEFS / "events").is_dir():
+                return f"tracefs not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})"
+            if not (TRACEFS / "events" / target / "id").exists():
+                return f"tracepoint {target} not in this kernel"
+        elif mech in ("fentry", "kprobe"):
+            # The checks that need no /proc/kallsyms scan first (Session scans meanwhile).
+            if mech == "fentry" and not VMLINUX_BTF.exists():
+                return "fentry needs /sys/kernel/btf/vmlinux"
+            if mech == "fentry" and (refused := self._fentry_refused(target)):
+                return refused
+            if mech == "kprobe" and not KPROBE_PMU.exists():
+                return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
+            if not kallsyms.lookup([target]):
+                return f"function {target} not in this kernel (not in /proc/kallsyms)"
+        return None
 
 
-def _fentry_refused(target: str) -> str | None:
-    """Whether this kernel refuses fentry programs, found once by loading an empty one on
-    the first fentry target: a refusal found by loading an object costs a reload."""
-    global _fentry_probed
-    with _fentry_probe_lock:
-        if not _fentry_probed:
-            err = libbpf.fentry_load_errno(target)
-            if err == errno.EPERM:
-                _denied_mechanisms["fentry"] = failure_reason(
-                    Candidate("fentry", "", target), err, "load")
-            _fentry_probed = err != errno.ENOENT  # that target only: probe with the next
-    return _denied_mechanisms.get("fentry")
-
-
-def static_check(cand: Candidate, btf_path: str | None) -> str | None:
-    """Reason the candidate cannot work on this kernel, decided without loading anything."""
-    mech, target = cand.mechanism, cand.tracepoint
-    if mech in _denied_mechanisms:
-        return _denied_mechanisms[mech]
-    if mech in ("tp_btf", "raw_tp"):
-        name = target.rpartition("/")[2]
-        if VMLINUX_BTF.exists() and name not in _btf_tracepoints():
-            return f"tracepoint {name} not in this kernel"
-        if mech == "tp_btf" and not VMLINUX_BTF.exists():
-            return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
-    elif mech == "tracepoint":
-        if not (TRACEFS / "events").is_dir():
-            return f"tracefs not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})"
-        if not (TRACEFS / "events" / target / "id").exists():
-            return f"tracepoint {target} not in this kernel"
-    elif mech in ("fentry", "kprobe"):
-        # The checks that need no /proc/kallsyms scan first (Session scans it meanwhile).
-        if mech == "fentry" and not VMLINUX_BTF.exists():
-            return "fentry needs /sys/kernel/btf/vmlinux"
-        if mech == "fentry" and (refused := _fentry_refused(target)):
-            return refused
-        if mech == "kprobe" and not KPROBE_PMU.exists():
-            return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
-        if not kallsyms.lookup([target]):
-            return f"symbol {target} not found in /proc/kallsyms"
-    return None
+def parse_mechanisms(text: str) -> tuple[str, ...]:
+    """--mechanisms / NETMEMTRACE_MECHANISMS: a comma-separated subset of MECHANISMS."""
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in MECHANISMS]
+    if bad or not names:
+        raise SetupError(f"--mechanisms {text!r}: choose from {','.join(MECHANISMS)}")
+    return names
 
 
 def failure_reason(cand: Candidate, err: int, stage: str) -> str:
@@ -234,105 +237,136 @@ def failure_reason(cand: Candidate, err: int, stage: str) -> str:
 class LoadedObject:
     """A BPF object loaded with one mechanism per hook and every possible hook attached."""
 
-    def __init__(self, name: str, obj: libbpf.Object, hooks: dict[str, Hook]) -> None:
+    def __init__(self, name: str, obj: libbpf.Object, hooks: dict[str, Hook],
+                 absent: dict[str, str] | None = None) -> None:
         self.name = name
         self.obj = obj
         self.hooks = hooks
+        # Helper programs (iterators) left out because the kernel lacks their target:
+        # program name -> why. The object's reader works without them, saying so.
+        self.absent = absent or {}
 
     def status(self) -> list[ProbeStatus]:
         return [
             ProbeStatus(self.name, h.name, h.chosen.mechanism if h.chosen else None, h.attached,
                         h.reason, h.off_kind)
             for h in self.hooks.values()
-        ]
+        ] + [ProbeStatus(self.name, prog, None, False, why) for prog, why in self.absent.items()]
 
     def close(self) -> None:
         self.obj.close()
 
 
-def load_object(name: str, path: str, *, btf_path: str | None = None,
-                force: str | None = None, attach: bool = True,
+def plan(hooks: dict[str, Hook]) -> dict[str, Candidate | None]:
+    """One mechanism per hook: the best candidate not yet ruled out (pure)."""
+    return {h.name: h.next_candidate() for h in hooks.values()}
+
+
+def load_attempt(path: str, chosen: dict[str, Candidate | None], kernel: Kernel,
+                 max_entries: dict[str, int] | None = None,
+                 reuse: dict[str, libbpf.Map] | None = None
+                 ) -> tuple[libbpf.Object | None, dict[str, str], Candidate | None, int]:
+    """Load the object with the planned programs (and every helper program whose target
+    the kernel has). Returns (object, absent helpers, None, 0), or (None, {}, the one
+    candidate the verifier blamed, errno); a failure no planned program explains raises."""
+    obj = libbpf.Object(path, kernel.btf_path)
+    try:
+        for tbl, n in (max_entries or {}).items():
+            try:
+                obj.set_max_entries(tbl, n)
+            except libbpf.LibbpfError as exc:
+                raise SetupError(f"cannot size map {Path(path).name}.{tbl} to {n}: {exc}") \
+                    from None
+        for tbl, shared in (reuse or {}).items():
+            obj.reuse_map(tbl, shared)
+        selected = {c.program: c for c in chosen.values() if c}
+        absent = {}
+        for prog in obj.programs.values():
+            is_hook = prog.name.rpartition("__")[2] in MECHANISMS
+            if not is_hook and (why := missing_iterator(prog.section)):
+                absent[prog.name] = why
+            prog.set_autoload(prog.name in selected or (not is_hook and not why))
+        obj.load()
+        return obj, absent, None, 0
+    except libbpf.LibbpfError as exc:
+        obj.close()
+        bad = libbpf.failed_program(exc.log, iter(selected))
+        if bad is None:
+            raise SetupError(f"cannot load {Path(path).name}: {exc.summary()}") from exc
+        return None, {}, selected[bad], exc.errno or errno.EINVAL
+    except BaseException:
+        obj.close()
+        raise
+
+
+def attach_attempt(obj: libbpf.Object, hooks: dict[str, Hook],
+                   chosen: dict[str, Candidate | None]) -> bool:
+    """Attach every planned program; True if one failed and its hook has another
+    candidate (the object must be loaded again without it)."""
+    retry = False
+    for hook in hooks.values():
+        hook.chosen, hook.attached = chosen[hook.name], False
+        if hook.chosen is None:
+            continue
+        try:
+            obj.attach(hook.chosen.program)
+            hook.attached = True
+        except libbpf.LibbpfError as exc:
+            hook.chosen.failure = failure_reason(hook.chosen, exc.errno or 0, "attach")
+            retry = retry or hook.next_candidate() is not None
+    return retry
+
+
+def load_object(name: str, path: str, *, kernel: Kernel | None = None,
+                btf_path: str | None = None, force: str | None = None, attach: bool = True,
                 max_entries: dict[str, int] | None = None,
                 disabled: dict[str, str] | None = None,
                 replaced: dict[str, str] | None = None,
-                reuse: dict[str, libbpf.Map] | None = None,
-                mechanisms: frozenset[str] | None = None) -> LoadedObject:
-    """Open, load and attach an object, falling back per hook to the next mechanism.
+                reuse: dict[str, libbpf.Map] | None = None) -> LoadedObject:
+    """Open, load and attach an object, falling back per hook to the next mechanism:
+    plan, load (a rejection blames one program), attach (a failure rules one out), again.
 
+    kernel: the session's knowledge of this kernel (a fresh one if None).
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
     "kprobe" to verifier-check function probes that cannot attach here).
     disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
     replaced: hook -> which other hooks do its work instead; not loaded either.
     reuse: map name -> a map of an object loaded before, which this object shares.
-    mechanisms: narrows the mechanisms NETMEMTRACE_MECHANISMS allows further.
     """
-    hooks = read_catalogue(path, btf_path)
+    kernel = kernel or Kernel(btf_path)
+    hooks = read_catalogue(path, kernel.btf_path)
     for kind, off in ((OFF_CHOICE, disabled), (OFF_REPLACED, replaced)):
         for hook_name, why in (off or {}).items():
             if hook_name in hooks:
                 hooks[hook_name].off, hooks[hook_name].off_kind = why, kind
                 for cand in hooks[hook_name].candidates:
                     cand.failure = why
-    allowed = env_mechanisms() & (mechanisms or frozenset(MECHANISMS))
-    for hook in hooks.values():
-        for cand in hook.candidates:
-            if cand.failure:
-                continue  # disabled
-            if force and cand.mechanism != force:
-                cand.failure = f"not selected (forced {force})"
-            elif cand.mechanism not in allowed:
-                cand.failure = not_selected(cand.mechanism)
-            elif not force:
-                cand.failure = static_check(cand, btf_path)
+    for cand in (c for h in hooks.values() for c in h.candidates if not c.failure):
+        cand.failure = (f"not selected (forced {force})" if force and cand.mechanism != force
+                        else None if force else kernel.static_check(cand))
 
-    # Each round loads one candidate per hook; a failure marks that candidate and retries.
-    rounds = sum(len(h.candidates) for h in hooks.values()) + 1
-    for _ in range(rounds):
-        obj = libbpf.Object(path, btf_path)
-        for tbl, n in (max_entries or {}).items():
-            try:
-                obj.set_max_entries(tbl, n)
-            except libbpf.LibbpfError as exc:
-                obj.close()
-                raise SetupError(f"cannot size map {name}.{tbl} to {n}: {exc}") from None
-        for tbl, shared in (reuse or {}).items():
-            obj.reuse_map(tbl, shared)
-        chosen = {h.name: h.next_candidate() for h in hooks.values()}
-        selected = {c.program for c in chosen.values() if c}
-        for prog in obj.programs.values():
-            is_hook = prog.name.rpartition("__")[2] in MECHANISMS
-            prog.set_autoload(prog.name in selected or not is_hook)
-        try:
-            obj.load()
-        except libbpf.LibbpfError as exc:
-            obj.close()
-            bad = libbpf.failed_program(exc.log, iter(selected))
-            if bad is None:
-                raise SetupError(f"cannot load {name}: {exc.summary()}") from exc
-            cand = next(c for c in chosen.values() if c and c.program == bad)
-            cand.failure = failure_reason(cand, exc.errno or errno.EINVAL, "load")
-            if cand.mechanism == "fentry" and exc.errno == errno.EPERM:
-                # Not this program's fault: no fentry program can load on this kernel.
-                _denied_mechanisms["fentry"] = cand.failure
+    # Each round rules out at least one candidate, so this ends.
+    for _ in range(sum(len(h.candidates) for h in hooks.values()) + 1):
+        chosen = plan(hooks)
+        obj, absent, blamed, err = load_attempt(path, chosen, kernel, max_entries, reuse)
+        if obj is None:
+            assert blamed is not None
+            blamed.failure = failure_reason(blamed, err, "load")
+            if blamed.mechanism == "fentry" and err == errno.EPERM:
+                # Not this program's fault: no fentry program loads on this kernel.
+                kernel.refuse("fentry", blamed.failure)
                 for other in (c for h in hooks.values() for c in h.candidates):
                     if other.mechanism == "fentry" and other.failure is None:
-                        other.failure = cand.failure
+                        other.failure = blamed.failure
             continue
-        retry = False
-        for hook in hooks.values():
-            hook.chosen, hook.attached = chosen[hook.name], False
-            if hook.chosen is None or not attach:
-                continue
-            try:
-                obj.attach(hook.chosen.program)
-                hook.attached = True
-            except libbpf.LibbpfError as exc:
-                hook.chosen.failure = failure_reason(hook.chosen, exc.errno or 0, "attach")
-                retry = retry or hook.next_candidate() is not None
-        if retry:
+        if not attach:
+            for hook in hooks.values():
+                hook.chosen, hook.attached = chosen[hook.name], False
+            return LoadedObject(name, obj, hooks, absent)
+        if attach_attempt(obj, hooks, chosen):
             obj.close()
             continue
-        return LoadedObject(name, obj, hooks)
+        return LoadedObject(name, obj, hooks, absent)
     raise SetupError(f"cannot load {name}: no mechanism combination loads")
 
 

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from . import abi, caps, kallsyms, libbpf, netns_broker, options, probes
@@ -21,9 +22,9 @@ from .collect.memcg import MemcgCollector
 from .collect.netmem import (
     DEFAULT_SAMPLE_N,
     HEAD_PAGE_SYMBOLS,
+    SHARED_MAPS,
     NetmemReader,
     sample_threshold,
-    shared_maps,
 )
 from .collect.pagepool import PagePoolReader, device_summaries
 from .snapshot import SelfStats, Snapshot, Unavailable
@@ -34,7 +35,73 @@ _libc = ctypes.CDLL(None)
 # (bench/), which cost more throughput than every other probe together. Opt-in.
 STACK_OFF = {"netif_receive_skb": "off by default (the per-packet probe, ~125 ns per skb), "
              "turn on with --netmem-stack"}
-OBJECTS = ("pagepool", "memcg", "zerocopy", "netmem", "holders")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    kernel: probes.Kernel
+    netmem_stack: bool
+    sizes: dict[str, dict[str, int]]  # object -> map -> max_entries (NETMEMTRACE_MAP_SIZES)
+
+
+def _map_sizes(spec: ObjectSpec, opts: LoadOptions) -> dict[str, int]:
+    """NETMEMTRACE_MAP_SIZES for the maps this object creates: its own, and those objects
+    loaded after it share (a map is sized where it is created)."""
+    sizes = dict(opts.sizes.get(spec.name, {}))
+    for child in (c for c in OBJECT_SPECS if c.after == spec.name):
+        sizes.update((m, n) for m, n in opts.sizes.get(child.name, {}).items()
+                     if m in child.shared)
+    return sizes
+
+
+def _load_generic(spec: ObjectSpec, opts: LoadOptions,
+                  parent: probes.LoadedObject | None) -> probes.LoadedObject:
+    return probes.load_object(
+        spec.name, str(abi.object_path(spec.name)), kernel=opts.kernel,
+        max_entries=_map_sizes(spec, opts),
+        reuse={m: parent.obj.map(m) for m in spec.shared} if parent else None,
+        disabled=None if opts.netmem_stack else spec.off_unless_stack)
+
+
+def _load_zerocopy(spec: ObjectSpec, opts: LoadOptions,
+                   parent: probes.LoadedObject | None) -> probes.LoadedObject:
+    return zerocopy.load_object(opts.kernel, opts.sizes.get(spec.name))
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """How one BPF object loads. after: the object it loads after, in the same thread;
+    shared: that object's maps this one uses instead of its own; off_unless_stack: hooks
+    left off without --netmem-stack."""
+
+    name: str
+    load: Callable[[ObjectSpec, LoadOptions, probes.LoadedObject | None],
+                   probes.LoadedObject] = _load_generic
+    after: str | None = None
+    shared: tuple[str, ...] = ()
+    off_unless_stack: dict[str, str] | None = None
+
+
+# In the order `probes` lists them; they start loading in reverse (holders' iterators take
+# longest to verify).
+OBJECT_SPECS = (
+    ObjectSpec("pagepool"),
+    ObjectSpec("memcg"),
+    ObjectSpec("zerocopy", load=_load_zerocopy),
+    # One netmem table, filled by the pagepool object's programs on page_pool events.
+    ObjectSpec("netmem", after="pagepool", shared=SHARED_MAPS, off_unless_stack=STACK_OFF),
+    ObjectSpec("holders"),
+)
+
+
+def _load_one(spec: ObjectSpec, opts: LoadOptions, parent: probes.LoadedObject | None
+              ) -> probes.LoadedObject | probes.ProbeStatus:
+    """The loaded object, or its one probes row saying why it did not load."""
+    try:
+        return spec.load(spec, opts, parent)
+    except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
+        return probes.ProbeStatus(spec.name, "(object)", None, False,
+                                  f"object not loaded: {exc}")
 
 
 def _bpf_stats_enabled() -> bool:
@@ -48,20 +115,23 @@ def _bpf_stats_enabled() -> bool:
 class Session:
     def __init__(self, btf_path: str | None = None,
                  netmem_sample: int = DEFAULT_SAMPLE_N, netmem_stack: bool = False,
-                 start_threads: bool = True, rows: zerocopy.ProcessRows = zerocopy.SERVE_ROWS
-                 ) -> None:
+                 start_threads: bool = True, rows: zerocopy.ProcessRows = zerocopy.SERVE_ROWS,
+                 mechanisms: str | None = None) -> None:
         """netmem_sample: track the ownership state of 1 in this many netmem.
         netmem_stack: attach the per-packet netif_receive_skb probe (the stack state).
         start_threads: start the collectors' threads now; False leaves it to
         start_threads() or the first read() (open_session: after the capability drop, as
         threads keep the capabilities of the thread that created them).
-        rows: which per-process rows snapshots carry (exited ones for how long)."""
+        rows: which per-process rows snapshots carry (exited ones for how long).
+        mechanisms: "kprobe,tracepoint": attach only with these (default: every one)."""
         try:
             sample_threshold(netmem_sample)
             sizes = options.map_sizes(os.environ.get(options.MAP_SIZES_ENV))
         except ValueError as exc:
             raise probes.SetupError(str(exc)) from None
         probes.check_privileges(btf_path)
+        self.kernel = probes.Kernel(
+            btf_path, probes.parse_mechanisms(mechanisms) if mechanisms else None)
         self.loaded: list[probes.LoadedObject] = []
         # Objects that could not load at all (e.g. iter/kmem_cache before 6.13): reported
         # as a probes row each; the rest of the tool keeps running.
@@ -71,7 +141,7 @@ class Session:
         # The netns broker open_session started (netns_broker.py); stopped in close().
         self.broker: netns_broker.Broker | None = None
         try:
-            self._load_objects(btf_path, netmem_stack, sizes)
+            self._load_objects(netmem_stack, sizes)
             if not any(s.attached for s in self.probe_status()):
                 raise probes.SetupError("no probe could attach: see `netmemtrace probes`"
                                         + "".join(f"; {f.reason}" for f in self.failed))
@@ -96,43 +166,31 @@ class Session:
             self.close()
             raise
 
-    def _load_objects(self, btf_path: str | None, netmem_stack: bool,
-                      sizes: dict[str, dict[str, int]]) -> None:
-        """Load every object, two at a time: the verifier runs in the loading thread, so
-        loads overlap on two cores (start-up, bench part 3). The netmem object loads after
-        the pagepool object, whose maps it shares; the /proc/kallsyms scan runs beside."""
-        def one(name: str, reuse: dict[str, libbpf.Map] | None = None
-                ) -> probes.LoadedObject | probes.ProbeStatus:
-            try:
-                if name == "zerocopy":
-                    return zerocopy.load_object(btf_path, sizes.get(name))
-                return probes.load_object(
-                    name, str(abi.object_path(name)), btf_path=btf_path, reuse=reuse,
-                    max_entries=sizes.get(name),
-                    disabled=None if netmem_stack or name != "netmem" else STACK_OFF)
-            except (probes.SetupError, libbpf.LibbpfError, abi.AbiError) as exc:
-                return probes.ProbeStatus(name, "(object)", None, False,
-                                          f"object not loaded: {exc}")
+    def _load_objects(self, netmem_stack: bool, sizes: dict[str, dict[str, int]]) -> None:
+        """Load every object of OBJECT_SPECS, two at a time: the verifier runs in the
+        loading thread, so loads overlap on two cores (start-up, bench part 3). An object
+        with `after` loads once that one has, in the same thread; /proc/kallsyms is scanned
+        beside them."""
+        opts = LoadOptions(self.kernel, netmem_stack, sizes)
 
-        def pool_then_netmem() -> list[probes.LoadedObject | probes.ProbeStatus]:
-            pool = one("pagepool")
-            # One netmem table, filled by the pagepool object's programs.
-            return [pool, one("netmem", shared_maps(pool)
-                              if isinstance(pool, probes.LoadedObject) else None)]
+        def chain(spec: ObjectSpec) -> list[probes.LoadedObject | probes.ProbeStatus]:
+            results = [_load_one(spec, opts, None)]
+            for child in (c for c in OBJECT_SPECS if c.after == spec.name):
+                parent = results[0] if isinstance(results[0], probes.LoadedObject) else None
+                results.append(_load_one(child, opts, parent))
+            return results
 
         def symbols() -> list[probes.LoadedObject | probes.ProbeStatus]:
             # Every kernel symbol any object or reader asks about, in one scan.
             kallsyms.lookup(set().union(
-                *(probes.function_targets(probes.read_catalogue(str(path), btf_path))
-                  for name in OBJECTS if (path := abi.BPF_OBJ_DIR / f"{name}.bpf.o").exists()),
+                *(probes.function_targets(probes.read_catalogue(str(path), self.kernel.btf_path))
+                  for spec in OBJECT_SPECS
+                  if (path := abi.BPF_OBJ_DIR / f"{spec.name}.bpf.o").exists()),
                 resolve.PROVIDER_SYMBOLS, HEAD_PAGE_SYMBOLS))
             return []
 
-        tasks = [symbols] + [
-            pool_then_netmem if name == "pagepool" and "netmem" in OBJECTS
-            else functools.partial(lambda n: [one(n)], name)
-            # Reversed: the holders object (iterators) takes longest to verify; start it first.
-            for name in reversed(OBJECTS) if name != "netmem" or "pagepool" not in OBJECTS]
+        tasks = [symbols] + [functools.partial(chain, spec) for spec in reversed(OBJECT_SPECS)
+                             if spec.after is None]
         # The pool's threads are gone once it is shut down, before the capability drop
         # (which requires every thread of the process to drop).
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -145,8 +203,8 @@ class Session:
                             for r in f.result())
             except BaseException as exc:  # noqa: PERF203 (every loaded object is kept to close)
                 errors.append(exc)
-        for name in OBJECTS:
-            if isinstance(r := done.get(name), probes.LoadedObject):
+        for spec in OBJECT_SPECS:
+            if isinstance(r := done.get(spec.name), probes.LoadedObject):
                 self.loaded.append(r)
             elif r is not None:
                 self.failed.append(r)
@@ -190,8 +248,10 @@ class Session:
             (pools, (), Unavailable("the netmem collector failed: see errors")))
         pools = guarded("holders", lambda: self._holders.annotate(pools)
                         if self._holders else pools, pools)
-        memcgs, memcg_self = guarded(
-            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None), ((), None))
+        no_memcg = Unavailable("the memcg object is not loaded: see `netmemtrace probes`")
+        memcgs, memcg_self, unaccepted = guarded(
+            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None, no_memcg),
+            ((), None, Unavailable("the memcg collector failed: see errors")))
         run_time: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
         run_cnt: dict[str, int] | Unavailable = run_time
         if _bpf_stats_enabled():
@@ -221,6 +281,7 @@ class Session:
             devmem_sockets=devmem_sockets,
             netmem=netmem,
             devices=guarded("devices", lambda: device_summaries(pools), ()),
+            unaccepted_sockets=unaccepted,
         )
 
     @property
@@ -271,7 +332,8 @@ def open_session(args: argparse.Namespace,
                   file=sys.stderr)
     try:
         session = Session(btf_path=args.btf_path, netmem_sample=args.netmem_sample,
-                          netmem_stack=args.netmem_stack, start_threads=not drop, rows=rows)
+                          netmem_stack=args.netmem_stack, start_threads=not drop, rows=rows,
+                          mechanisms=args.mechanisms)
     except BaseException:
         if broker:
             broker.close()

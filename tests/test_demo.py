@@ -89,6 +89,7 @@ def test_topology_has_native_xdp_on_receiver() -> None:
     topo.close()  # idempotent
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_tcp_stream_goes_through_page_pool(trace_instance: Callable[..., TraceInstance]) -> None:
     # Tracing starts before the topology exists: the pool fills its cache with one bulk of
@@ -136,6 +137,7 @@ def _loopback_datagrams(netns: str) -> None:
     )
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_unread_socket_keeps_deleted_pool_alive(
     trace_instance: Callable[..., TraceInstance],
@@ -168,6 +170,7 @@ def test_unread_socket_keeps_deleted_pool_alive(
         _wait_for_release(trace, zombies[-1], lambda inflight, _: inflight == 0)
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_run_demo_leaves_nothing_behind() -> None:
     started = time.monotonic()
@@ -211,6 +214,7 @@ def test_run_demo_cleans_up_on_signal(signum: signal.Signals) -> None:
     assert _leftovers(child.pid) == [], stderr
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_make_run_shows_a_short_pool_table_then_where_the_json_went(
         tmp_path: pathlib.Path) -> None:

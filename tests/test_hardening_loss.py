@@ -75,6 +75,7 @@ def demo_traffic() -> None:
         assert held.held_bytes > 0
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_netmem_table_overflow(monkeypatch) -> None:
     with shrunk(monkeypatch, "netmem.netmems=2") as served:
@@ -104,6 +105,7 @@ def test_zerocopy_process_map_overflow(monkeypatch, workload, netns) -> None:  #
         assert metric(served, "netmemtrace_map_full_drops_total", map="zerocopy_procs") > 0
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_holders_ring_overflow_reaches_metrics(monkeypatch) -> None:
     """A zombie pool whose pages sit in a socket: with a one-page holders ring, references

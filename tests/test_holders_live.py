@@ -69,6 +69,7 @@ def check_sum(pool: PoolSnapshot) -> None:
     assert sum(h.pages for h in pool.holders) == pool.inflight_pages, pool.holders
 
 
+@pytest.mark.veth_page_pool
 def test_dangling_socket_holds_the_zombie(trace_instance) -> None:
     with Session() as session:
         trace = trace_instance("page_pool/page_pool_release")
@@ -143,6 +144,7 @@ def pinned_stream(topo: demo.VethTopology, nbytes: int, tx_cpu: int, rx_cpu: int
     return received
 
 
+@pytest.mark.veth_page_pool
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
 def test_deferred_free_lists_hold_the_rest(trace_instance) -> None:
     """Pages of skbs a reader freed on another CPU wait on the allocating CPU's deferred-free
@@ -177,6 +179,7 @@ def test_deferred_free_lists_hold_the_rest(trace_instance) -> None:
     pytest.fail(f"no attempt caught skbs on a deferred-free list: {seen}")
 
 
+@pytest.mark.veth_page_pool
 def test_walk_bound_reports_partial_scan(trace_instance) -> None:
     """A socket with more skbs than the bound is reported as partially scanned: the pages of
     the skbs walked, flagged, the rest left unattributed, never guessed."""
@@ -203,6 +206,7 @@ def test_walk_bound_reports_partial_scan(trace_instance) -> None:
         lo.close()
 
 
+@pytest.mark.veth_page_pool
 def test_udp_socket_holder(trace_instance) -> None:
     with Session() as session:
         trace = trace_instance("page_pool/page_pool_release")
@@ -248,6 +252,7 @@ def test_no_iterator_runs_without_a_zombie() -> None:
         lo.close()
 
 
+@pytest.mark.veth_page_pool
 def test_explain_zombie_report(capsys) -> None:
     """Run after the fact, as on-call would: the pool was destroyed before netmemtrace
     started. The report names the never-reading socket with its pid, says the zombie will
@@ -274,6 +279,7 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.veth_page_pool
 def test_default_mode_attributes_sockets_of_other_netns(trace_instance) -> None:
     """Without --keep-caps (the default: capabilities dropped after attach, so no setns), a
     socket of the demo's own netns still holds the zombie's pages in `dump` and
@@ -307,6 +313,7 @@ def test_default_mode_attributes_sockets_of_other_netns(trace_instance) -> None:
     assert f"netns {topo.rx_netns}" in ours and "verdict: NOT SELF-HEALING" in ours
 
 
+@pytest.mark.veth_page_pool
 def test_ring_buffer_holds_one_socket_at_a_time(trace_instance) -> None:
     """The page references' ring buffer is drained after every socket that holds zombie
     pages: sockets of one netns holding more references together than the ring has room

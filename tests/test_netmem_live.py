@@ -98,6 +98,7 @@ def _jumbo_frames(topo: demo.VethTopology, xdp_obj: Path) -> None:
                        check=True, timeout=10)
 
 
+@pytest.mark.veth_page_pool
 def test_veth_pool_tracked_netmem_match_kernel_inflight(xdp_frags: Path) -> None:
     """Tracking every netmem, the veth pool's tracked entries equal the pages the kernel's own
     counters (page_pool_state_hold/release arguments) say are out of the allocator; its

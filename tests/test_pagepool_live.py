@@ -12,7 +12,7 @@ from conftest import flush_deferred_skbs
 from netmemtrace import demo
 from netmemtrace.session import Session
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.veth_page_pool]
 
 RELEASE_RE = re.compile(r"page_pool_release: page_pool=\S+ inflight=(-?\d+) hold=(\d+) "
                         r"release=(\d+)")

@@ -55,41 +55,68 @@ def test_function_probe_falls_back_and_says_why() -> None:
     # Here fentry is refused (lockdown) and kprobes are compiled out; a user's kernel attaches.
     if not destroy.attached:
         assert "fentry" in destroy.reason and "kprobe" in destroy.reason
-        assert "EPERM" in destroy.reason or "symbol" in destroy.reason
-        assert "CONFIG_KPROBES" in destroy.reason or "symbol" in destroy.reason
+        assert "EPERM" in destroy.reason or "not in this kernel" in destroy.reason
+        assert "CONFIG_KPROBES" in destroy.reason or "not in this kernel" in destroy.reason
 
 
 def test_static_check_reasons(tmp_path, monkeypatch) -> None:
     cand = probes.Candidate("tracepoint", "x__tracepoint", "page_pool/no_such_event")
     monkeypatch.setattr(probes, "TRACEFS", tmp_path)
-    assert "tracefs not mounted" in probes.static_check(cand, None)
+    kernel = probes.Kernel()
+    assert "tracefs not mounted" in kernel.static_check(cand)
     (tmp_path / "events").mkdir()
-    assert "not in this kernel" in probes.static_check(cand, None)
+    assert "not in this kernel" in kernel.static_check(cand)
     fn = probes.Candidate("kprobe", "x__kprobe", "no_such_function_in_kernel")
     monkeypatch.setattr(probes, "KPROBE_PMU", tmp_path)  # as if kprobes were there
-    assert "not found in /proc/kallsyms" in probes.static_check(fn, None)
+    assert "not in this kernel" in kernel.static_check(fn)
 
 
 @pytest.mark.live
 def test_fentry_refusal_is_found_without_loading_an_object(monkeypatch) -> None:
     """The fentry check loads one empty program: on this kernel (EPERM) every fentry
     candidate is ruled out before any object load, so no object is loaded twice."""
-    monkeypatch.setattr(probes, "_denied_mechanisms", {})
-    monkeypatch.setattr(probes, "_fentry_probed", False)
+    kernel = probes.Kernel()  # what was refused lives in the session's Kernel
     err = libbpf.fentry_load_errno("page_pool_destroy")
     assert libbpf.fentry_load_errno("no_such_function_in_kernel") == errno.ENOENT
-    why = probes.static_check(probes.Candidate("fentry", "x__fentry", "page_pool_destroy"), None)
+    why = kernel.static_check(probes.Candidate("fentry", "x__fentry", "page_pool_destroy"))
     if err == errno.EPERM:
         assert why is not None and "fentry denied: EPERM" in why
+        assert "fentry" in kernel.refused and "fentry" not in probes.Kernel().refused
         loads = []
         real = libbpf.Object.load
         monkeypatch.setattr(libbpf.Object, "load", lambda o: (loads.append(o.path), real(o)))
-        lo = probes.load_object("pagepool", OBJ)
+        lo = probes.load_object("pagepool", OBJ, kernel=kernel)
         lo.close()
         assert loads == [OBJ]
         assert "fentry denied: EPERM" in lo.hooks["page_pool_destroy"].reason
     else:
         assert err == 0 and why is None
+
+
+def test_plan_takes_the_best_candidate_not_ruled_out() -> None:
+    hook = probes.Hook("h", [probes.Candidate("tp_btf", "h__tp_btf", "x", "not here"),
+                             probes.Candidate("raw_tp", "h__raw_tp", "x"),
+                             probes.Candidate("kprobe", "h__kprobe", "f")])
+    none = probes.Hook("n", [probes.Candidate("kprobe", "n__kprobe", "f", "refused")])
+    assert probes.plan({"h": hook, "n": none}) == {"h": hook.candidates[1], "n": None}
+
+
+@pytest.mark.live
+def test_mechanisms_option_restricts_every_hook() -> None:
+    """--mechanisms tracepoint: every hook that has a classic tracepoint uses it, the others
+    stay detached saying the mechanism is not allowed."""
+    kernel = probes.Kernel(mechanisms=probes.parse_mechanisms("tracepoint"))
+    lo = probes.load_object("pagepool", OBJ, kernel=kernel, attach=False)
+    try:
+        for hook in lo.hooks.values():
+            assert hook.chosen is None or hook.chosen.mechanism == "tracepoint"
+            if hook.chosen is None:
+                assert "not allowed (--mechanisms tracepoint)" in hook.reason
+        assert any(h.chosen for h in lo.hooks.values())
+    finally:
+        lo.close()
+    with pytest.raises(probes.SetupError, match="choose from"):
+        probes.parse_mechanisms("kprobe,uprobe")
 
 
 def test_probes_table_format() -> None:
@@ -204,7 +231,8 @@ def test_capabilities_dropped_after_attach() -> None:
 def test_an_object_that_cannot_load_does_not_stop_the_rest(monkeypatch) -> None:
     from netmemtrace import session as session_mod
 
-    monkeypatch.setattr(session_mod, "OBJECTS", ("pagepool", "no_such_object"))
+    monkeypatch.setattr(session_mod, "OBJECT_SPECS", (session_mod.ObjectSpec("pagepool"),
+                                                      session_mod.ObjectSpec("no_such_object")))
     with session_mod.Session() as session:
         rows = {(r.object, r.hook): r for r in session.probe_status()}
         snap = session.read()

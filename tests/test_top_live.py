@@ -98,6 +98,7 @@ class BatchTop:
         self.proc.wait()
 
 
+@pytest.mark.veth_page_pool
 def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
     try:
@@ -131,6 +132,7 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
     assert int(row["INFLIGHT"]) > 0
 
 
+@pytest.mark.veth_page_pool
 def test_zombie_pool_is_highlighted(tmp_path: Path, trace_instance) -> None:
     trace = trace_instance("page_pool/page_pool_release")
     run = BatchTop(tmp_path, "--count", "16", "--interval", "0.5")
@@ -224,9 +226,17 @@ def tmux_top(tmp_path: Path) -> Iterator[Tmux]:
     term.kill()
 
 
+def _pool_rows(screen: list[str]) -> list[str]:
+    """The page pool table's lines (the DEVICES table further down names the same
+    netdevs)."""
+    start = next(i for i, line in enumerate(screen) if "PAGE POOLS (" in line)
+    end = next((i for i in range(start, len(screen)) if not screen[i].strip()), len(screen))
+    return screen[start:end]
+
+
 def _order(screen: list[str], names: list[str]) -> list[str]:
-    """The names whose rows are on screen, in the order they appear."""
-    return [name for line in screen for name in names if f"  {name}  " in line]
+    """The names whose page pool rows are on screen, in the order they appear."""
+    return [name for line in _pool_rows(screen) for name in names if f"  {name}  " in line]
 
 
 def _sort_title(screen: list[str]) -> str:
@@ -236,7 +246,7 @@ def _sort_title(screen: list[str]) -> str:
 
 
 def _visible(screen: list[str], name: str) -> bool:
-    return any(f"  {name}  " in line for line in screen)
+    return any(f"  {name}  " in line for line in _pool_rows(screen))
 
 
 def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:

@@ -35,6 +35,20 @@ COUNTERS = ("rx_calls", "rx_errors", "rx_mapped_bytes", "rx_skip_hint_bytes", "t
             "tx_zc_bytes", "tx_notifications",
             "tx_completed_sends", "tx_copied_sends")
 
+# The kernel-matrix guests (6.1 ... 7.3) all attach fentry and kprobes: there the function
+# family must serve, and the syscall tracepoints stay off.
+GUEST = os.environ.get("NETMEMTRACE_GUEST") == "1"
+TRACEPOINTS = ("tp_btf", "raw_tp", "tracepoint")
+# The matrix runs this file twice in each guest: as is (fentry), and with
+# NETMEMTRACE_MECHANISMS=tp_btf,raw_tp,tracepoint,kprobe (function probes by kprobe).
+ENV_MECHANISMS = os.environ.get("NETMEMTRACE_MECHANISMS")
+
+
+def kernel() -> probes.Kernel:
+    """What the CLI would make of NETMEMTRACE_MECHANISMS (every mechanism without it)."""
+    return probes.Kernel(mechanisms=probes.parse_mechanisms(ENV_MECHANISMS)
+                         if ENV_MECHANISMS else None)
+
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory) -> str:
@@ -57,7 +71,7 @@ def netns() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[Session]:
-    with Session() as s:
+    with Session(mechanisms=ENV_MECHANISMS) as s:
         yield s
 
 
@@ -227,7 +241,7 @@ def test_mapped_before_attach_has_a_row_and_is_followed(workload, netns) -> None
     pages it holds (to the byte of smaps), and its later unmaps reach the ledger."""
     with child_memcg("before") as (d, rel):
         w = Workload(workload, netns, d, str(STREAM), "hold")
-        lo = zerocopy.load_object()
+        lo = zerocopy.load_object(kernel())
         memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
         collector = MemcgCollector(memcg_lo, lo, rows=zerocopy.DUMP_ROWS)
         try:
@@ -333,7 +347,7 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
     """serve/top keep exited rows for a bounded time and number: the oldest beyond the cap
     goes at once (evicted), the rest when the retention is over (expired); the memcg's
     totals keep their counts either way."""
-    lo = zerocopy.load_object()
+    lo = zerocopy.load_object(kernel())
     memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
     rows = zerocopy.ProcessRows(exited_retention_s=2.0, max_exited=1, per_memcg=None)
     collector = MemcgCollector(memcg_lo, lo, rows=rows)
@@ -360,7 +374,7 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
 
 
 def test_ledger_overflow_is_counted(workload, netns) -> None:
-    lo = zerocopy.load_object()
+    lo = zerocopy.load_object(kernel())
     reader = ZerocopyReader(lo.obj, max_ranges=4)
     try:
         with child_memcg("overflow") as (d, _):
@@ -389,20 +403,13 @@ def pending_threads(obj) -> int:
     return int.from_bytes(raw[:8], sys.byteorder)
 
 
-# The kernel-matrix guests (6.1 ... 7.3) all attach fentry and kprobes: there the function
-# family must serve, and the syscall tracepoints stay off.
-GUEST = os.environ.get("NETMEMTRACE_GUEST") == "1"
-TRACEPOINTS = frozenset(("tp_btf", "raw_tp", "tracepoint"))
-
-
-def load_family(family: str, monkeypatch) -> tuple[probes.LoadedObject, tuple[str, ...], str]:
+def load_family(family: str) -> tuple[probes.LoadedObject, tuple[str, ...], str]:
     """The object as the family under test loads it: (object, hooks that must be attached,
     their mechanism). fentry/kprobe: the default load with function probes narrowed to that
-    one (NETMEMTRACE_MECHANISMS, as --mechanisms does); where it cannot attach (this CI
+    one (as --mechanisms tp_btf,raw_tp,tracepoint,kprobe does); where it cannot attach (this CI
     host: fentry EPERM, no kprobes) the syscall tracepoints must serve and say why."""
     if family in ("fentry", "kprobe"):
-        monkeypatch.setenv(probes.MECHANISMS_ENV, family)
-        lo = zerocopy.load_object()
+        lo = zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS + (family,)))
         rows = {r.hook: r for r in lo.status()}
         if rows["tcp_zerocopy_receive"].attached:
             need = tuple(h for h in zerocopy.FUNCTION_HOOKS if h not in zerocopy.ZAP_HOOKS
@@ -423,9 +430,9 @@ def load_family(family: str, monkeypatch) -> tuple[probes.LoadedObject, tuple[st
             assert "function probes cannot serve" in rows[h].reason, rows[h]
         return lo, zerocopy.PER_SYSCALL_HOOKS, "tracepoint"
     # The syscall families, with function probes ruled out as on a kernel without them.
-    monkeypatch.setattr(probes, "env_mechanisms", lambda: TRACEPOINTS)
     if family == "syscalls":
-        return zerocopy.load_object(), zerocopy.PER_SYSCALL_HOOKS, "tracepoint"
+        return (zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS)),
+                zerocopy.PER_SYSCALL_HOOKS, "tracepoint")
     lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=family,
                             disabled={h: "test" for h in zerocopy.PER_SYSCALL_HOOKS})
     return lo, zerocopy.RAW_SYSCALL_HOOKS, family
@@ -433,14 +440,14 @@ def load_family(family: str, monkeypatch) -> tuple[probes.LoadedObject, tuple[st
 
 @pytest.mark.parametrize("family", ["fentry", "kprobe", "syscalls", "tp_btf", "raw_tp",
                                     "tracepoint"])
-def test_every_hook_family_matches_the_workload(workload, netns, family, monkeypatch) -> None:
+def test_every_hook_family_matches_the_workload(workload, netns, family) -> None:
     """Function probes (fentry, or kprobe forced), the per-syscall tracepoints ("syscalls",
     their fallback) and each variant of the raw sys_enter/sys_exit pair (tp_btf: loads
     through the typed pt_regs; raw_tp: probe reads; tracepoint: the record) each see the
     calls their own way, and each must count, map, move and unmap alike, to the byte of
     smaps. Afterwards no thread may be left counted as in a call, a killed one included:
     that count lets every other exit skip the lookup."""
-    lo, hooks, mech = load_family(family, monkeypatch)
+    lo, hooks, mech = load_family(family)
     reader = ZerocopyReader(lo.obj)
     try:
         rows = {r.hook: r for r in lo.status()}
@@ -494,16 +501,15 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
     """A kernel without one of the syscalls:* events (CONFIG_FTRACE_SYSCALLS off, or the event
     refused): the object falls back to the raw sys_enter/sys_exit pair as a whole, and the
     probes table says why; never half of each family."""
-    real = probes.static_check
+    real = probes.Kernel.static_check
 
-    def no_mmap_events(cand, btf_path):
+    def no_mmap_events(kernel, cand):
         if cand.tracepoint.endswith("_mmap"):
             return f"tracepoint {cand.tracepoint} not in this kernel"
-        return real(cand, btf_path)
+        return real(kernel, cand)
 
-    monkeypatch.setattr(probes, "static_check", no_mmap_events)
-    monkeypatch.setattr(probes, "env_mechanisms", lambda: TRACEPOINTS)  # as without fentry
-    lo = zerocopy.load_object()
+    monkeypatch.setattr(probes.Kernel, "static_check", no_mmap_events)
+    lo = zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS))  # as without fentry
     try:
         rows = {r.hook: r for r in lo.status()}
         assert all(rows[h].attached for h in zerocopy.RAW_SYSCALL_HOOKS)

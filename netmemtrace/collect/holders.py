@@ -286,7 +286,10 @@ class HoldersCollector:
         self._config = obj.map("holders_config")
         self._stats = obj.map("holders_stats")
         self._bases = obj.map("cpu_percpu_base")
-        self._links = {name: obj.attach(name) for name in ITERATORS}
+        # An iterator the kernel lacks was not loaded (probes.missing_iterator): its
+        # figures are reported unavailable, the rest still scan.
+        self._links = {name: obj.attach(name) for name in ITERATORS
+                       if obj.programs[name].fd >= 0}
         self._refs: list[tuple[int, int, int, int]] = []
         # The page references' ring buffer, mapped on the first scan: most hosts never see
         # a zombie pool, and a mapped ring is twice its size in RSS (bpf/holders.bpf.c).
@@ -374,11 +377,16 @@ class HoldersCollector:
         else:
             cal.notes.setdefault("cpus", "runqueues/softnet_data not in the kernel BTF's "
                                          "per-CPU section")
-        bases = [r.page_base for r in self._records(self._links["holders_slab"].read_iter())]
-        cal.page_base = slab_page_base(bases)
-        if cal.page_base is None:
-            cal.notes["heads"] = (f"virt_to_page not calibrated: {len(bases)} slab samples "
-                                  "did not agree")
+        if "holders_slab" in self._links:
+            bases = [r.page_base
+                     for r in self._records(self._links["holders_slab"].read_iter())]
+            cal.page_base = slab_page_base(bases)
+            if cal.page_base is None:
+                cal.notes["heads"] = (f"virt_to_page not calibrated: {len(bases)} slab "
+                                      "samples did not agree")
+        else:
+            cal.notes["heads"] = ("virt_to_page not calibrated: the kmem_cache iterator is "
+                                  "not in this kernel (6.13+)")
         cal.net_hotdata, why = self._locate_net_hotdata(cal)
         if why:
             cal.notes["hotdata"] = why

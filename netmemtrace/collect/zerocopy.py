@@ -75,21 +75,28 @@ def _family_missing(status: list[probes.ProbeStatus] | dict[str, str | None],
     return None
 
 
-def _static_plan(path: str, btf_path: str | None) -> tuple[str | None, str]:
+FUNCTION_MECHANISMS = ("fentry", "kprobe")
+
+
+def _narrowed(kernel: probes.Kernel, mechanism: str | None) -> probes.Kernel:
+    """kernel with function probes of one kind only (None: none), sharing what it learnt."""
+    k = probes.Kernel(kernel.btf_path, tuple(
+        m for m in kernel.allowed if m not in FUNCTION_MECHANISMS or m == mechanism))
+    k.refused = kernel.refused
+    return k
+
+
+def _static_plan(path: str, kernel: probes.Kernel) -> tuple[str | None, str]:
     """The function-probe mechanism every needed hook can use on this kernel, decided
     without loading (a load that is then redone costs start-up), or None and why not."""
-    hooks = probes.read_catalogue(path, btf_path)
-    allowed = probes.env_mechanisms()
+    hooks = probes.read_catalogue(path, kernel.btf_path)
     reasons = []
-    for mech in probes.FUNCTION_MECHANISMS:
-        if mech not in allowed:
-            reasons.append(f"{mech}: {probes.not_selected(mech)}")
-            continue
+    for mech in FUNCTION_MECHANISMS:
         why: dict[str, str | None] = {}
         for name, hook in hooks.items():
             cand = next((c for c in hook.candidates if c.mechanism == mech), None)
             if cand is not None:
-                why[name] = probes.static_check(cand, btf_path)
+                why[name] = kernel.static_check(cand)
         missing = _family_missing(why, mech)
         if missing is None:
             return mech, ""
@@ -97,16 +104,17 @@ def _static_plan(path: str, btf_path: str | None) -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
-def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None = None
-                ) -> probes.LoadedObject:
+def load_object(kernel: probes.Kernel | None = None,
+                max_entries: dict[str, int] | None = None) -> probes.LoadedObject:
     """The zerocopy object with the function-probe family (fentry, else kprobe) where every
     one of its hooks attaches, else the per-syscall tracepoints, else the raw syscall pair
     (a half-watched set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
-    mech, why = _static_plan(path, btf_path)
+    kernel = kernel or probes.Kernel()
+    mech, why = _static_plan(path, kernel)
     tried = []
     for m in (mech, "kprobe") if mech == "fentry" else (mech,):
-        if m is None or (m == "kprobe" and "kprobe" not in probes.env_mechanisms()):
+        if m is None or m not in kernel.allowed:
             continue
         replaced = {h: f"replaced: function probes ({m}) follow zerocopy where it happens; "
                        "syscall tracepoints would tax every syscall of the host"
@@ -114,9 +122,8 @@ def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None 
         if m == "fentry":
             replaced |= {h: "replaced: fexit on " + h.removesuffix("_ret") + " reads the "
                             "return" for h in KRETPROBE_HOOKS}
-        lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=replaced,
-                                max_entries=max_entries, mechanisms=frozenset(probes.MECHANISMS) -
-                                (set(probes.FUNCTION_MECHANISMS) - {m}))
+        lo = probes.load_object("zerocopy", path, kernel=_narrowed(kernel, m),
+                                replaced=replaced, max_entries=max_entries)
         missing = _family_missing(lo.status(), m)
         if missing is None:
             return lo
@@ -125,7 +132,7 @@ def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None 
     why = "; ".join(tried) or why
     fn_off = {h: f"off: function probes cannot serve ({why}); the syscall tracepoints do"
               for h in FUNCTION_HOOKS}
-    lo = probes.load_object("zerocopy", path, btf_path=btf_path, replaced=RAW_OFF | fn_off,
+    lo = probes.load_object("zerocopy", path, kernel=kernel, replaced=RAW_OFF | fn_off,
                             max_entries=max_entries)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
@@ -133,7 +140,7 @@ def load_object(btf_path: str | None = None, max_entries: dict[str, int] | None 
     lo.close()
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
-    return probes.load_object("zerocopy", path, btf_path=btf_path, max_entries=max_entries,
+    return probes.load_object("zerocopy", path, kernel=kernel, max_entries=max_entries,
                               replaced=fn_off | {h: why for h in PER_SYSCALL_HOOKS})
 
 

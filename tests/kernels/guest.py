@@ -62,6 +62,8 @@ mount -t securityfs securityfs /sys/kernel/security
 mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "+memory +cpu +pids" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
 hostname nmt-guest; ip link set lo up
+# No udev and no module autoload for `ip link add type veth`: load what the tests create.
+modprobe -a veth
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 export NETMEMTRACE_GUEST=1 NMT_OUT=/mnt/nmt-out LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
 cd "$NMT_CWD"

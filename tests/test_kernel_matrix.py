@@ -1,0 +1,70 @@
+"""The kernel-matrix harness's own logic (tests/kernels/): no QEMU here, the matrix itself
+runs with `make test-kernels`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kernels import fetch, guest, matrix
+
+
+def test_exact_dependencies_name_the_packages_to_fetch() -> None:
+    assert fetch._exact("linux-image-6.1.0-50-amd64 (= 6.1.176-1)") == \
+        ("linux-image-6.1.0-50-amd64", "6.1.176-1")
+    assert fetch._exact("dracut | initramfs-tools (>= 0.120+deb8u2)") is None
+
+
+def test_private_apt_reuses_the_machines_mirror_without_touching_etc_apt(
+        tmp_path, monkeypatch) -> None:
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm\n"
+                       "Signed-By: /k.gpg\n\nTypes: deb\nURIs: http://mirror.invalid/sec\n"
+                       "Suites: bookworm-security\nSigned-By: /k.gpg\n")
+    monkeypatch.setattr(fetch, "HOST_SOURCES", sources)
+    assert fetch._mirror() == ("http://mirror.invalid/debian", "/k.gpg")
+
+
+def test_boot_modules_come_with_their_dependencies_first(tmp_path) -> None:
+    moddir = tmp_path / "lib/modules/6.1.0-x"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(
+        "kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz\n"
+        "kernel/net/9p/9pnet.ko.xz:\nkernel/fs/netfs/netfs.ko.xz:\n"
+        "kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz\n"
+        "kernel/fs/overlayfs/overlay.ko.xz:\n")
+    tree = fetch.KernelTree("6.1", "6.1.0-x", tmp_path, tmp_path / "vmlinuz", moddir)
+    names = [p.name for p in guest._module_closure(tree, guest.BOOT_MODULES)]
+    assert names.index("9pnet.ko.xz") < names.index("9pnet_virtio.ko.xz")
+    assert names.index("netfs.ko.xz") < names.index("9p.ko.xz")
+    assert len(names) == len(set(names)) == 5  # virtio_pci is built in here: skipped
+
+
+def test_probe_rows_are_sorted_into_the_tables_columns() -> None:
+    row = matrix.Row("7.3")
+    matrix.classify(row, [
+        {"object": "pagepool", "hook": "hold", "mechanism": "raw_tp", "attached": True,
+         "reason": ""},
+        {"object": "memcg", "hook": "charge_skmem", "mechanism": None, "attached": False,
+         "reason": "fentry: function mem_cgroup_charge_skmem not in this kernel"},
+        {"object": "netmem", "hook": "netif_receive_skb", "mechanism": None,
+         "attached": False, "reason": "off by default (...), turn on with --netmem-stack"},
+        {"object": "zerocopy", "hook": "x", "mechanism": None, "attached": False,
+         "reason": "kprobe: attach failed: EINVAL"},
+        {"object": "holders", "hook": "(object)", "mechanism": None, "attached": False,
+         "reason": "object not loaded: cannot load holders"},
+    ])
+    assert row.by_mech == {"raw_tp": 1}
+    assert row.absent == ["memcg/charge_skmem"] and row.off == ["netmem/netif_receive_skb"]
+    assert row.failed == ["zerocopy/x: kprobe: attach failed: EINVAL"]
+    assert row.objects["holders"].startswith("object not loaded")
+    row.booted, row.tests["passed"] = True, 3
+    assert not row.ok  # a failed hook and an object not loaded fail the kernel
+    assert "3 passed" in matrix.table([row]) and "not holders" in matrix.table([row])
+
+
+def test_junit_counts(tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase name="a"/><testcase name="b">'
+                   '<failure message="x"/></testcase><testcase name="c"><skipped '
+                   'type="pytest.xfail"/></testcase></testsuite></testsuites>')
+    assert matrix.junit_counts(xml) == {"passed": 1, "failed": 1, "xfailed": 1}
