@@ -249,7 +249,7 @@ def test_mapped_before_attach_has_a_row_and_is_followed(workload, netns) -> None
             for step in (None, "dontneed_half", "munmap"):
                 if step:
                     held = w.command(step)["held_bytes"]
-                memcgs, _ = collector.read(time.monotonic_ns())
+                memcgs, _, _ = collector.read(time.monotonic_ns())
                 (m,) = [m for m in memcgs if m.path == rel]
                 (p,) = m.processes
                 assert (p.pid, p.zerocopy.rx_calls) == (w.pid, 0)
@@ -355,13 +355,13 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
         with child_memcg("retention") as (d, rel):
             first = exited_workload(workload, netns, d)
             second = exited_workload(workload, netns, d)
-            memcgs, stats = collector.read(time.monotonic_ns())
+            memcgs, stats, _ = collector.read(time.monotonic_ns())
             (m,) = [m for m in memcgs if m.path == rel]
             assert [(p.pid, p.exited) for p in m.processes] == [(second["pid"], True)]
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
                     stats.exited_rows_expired) == (1, 1, 0)
             assert m.zerocopy.tx_zc_bytes == first["tx_zc_bytes"] + second["tx_zc_bytes"]
-            memcgs, stats = collector.read(time.monotonic_ns() + int(2.5e9))
+            memcgs, stats, _ = collector.read(time.monotonic_ns() + int(2.5e9))
             (m,) = [m for m in memcgs if m.path == rel]
             assert m.processes == ()
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
