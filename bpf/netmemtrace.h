@@ -133,6 +133,14 @@ struct memcg_unaccepted {
 	__u16 pad;
 };
 
+/* Processes the zerocopy object counts for: their last memcg, and whether they hold
+ * zerocopy mappings (userspace sets it too, for mappings made before it attached). */
+struct zc_task {
+	__u64 cgroup_id;
+	__u32 rx_mapped;
+	__u32 pad;
+};
+
 /* Zerocopy counters of one process in one memcg (a process may move between memcgs). */
 struct zc_key {
 	__u32 tgid;

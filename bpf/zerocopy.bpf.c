@@ -13,12 +13,23 @@
  * after), and SO_EE_ORIGIN_ZEROCOPY completions read from recvmsg(MSG_ERRQUEUE) control
  * data, so userspace knows the bytes still pinned (in flight).
  *
- * Syscalls come from the per-syscall tracepoints (syscalls:sys_enter_getsockopt, ...), one
- * program pair per watched syscall. The raw sys_enter/sys_exit pair (filtered on the
- * syscall number first) is the fallback where those events do not exist: it runs on every
- * syscall of the machine, and measured +118 ns on each (a getppid() loop, bpf_stats off),
- * where the per-syscall events cost the other syscalls only the kernel's own bitmap test.
- * Userspace loads one family or the other, never both.
+ * Two families of hooks follow these calls; userspace loads one, never both.
+ *
+ * Function probes (fentry, else kprobe), where they attach: the kernel functions doing the
+ * work, at the rate of that work only. tcp_zerocopy_receive's return (the kernel's own copy
+ * of the struct: no user memory to fault on); the page-table zap of a socket mapping's range
+ * (unmap_page_range, __zap_vma_range from 6.19), which every unmap goes through: munmap,
+ * mmap over it, madvise(DONTNEED), the zap tcp_zerocopy_receive does before mapping, the
+ * old range of an mremap, exit; move_page_tables (mremap moving the mapped pages);
+ * tcp_sendmsg_locked with MSG_ZEROCOPY; sock_dequeue_err_skb (the completion the process
+ * reads from its error queue).
+ *
+ * Syscall tracepoints, only where function probes cannot attach: they put every thread of
+ * the host on the syscall tracing slow path (bench part 4). The per-syscall tracepoints
+ * (syscalls:sys_enter_getsockopt, ...), one program pair per watched syscall; the raw
+ * sys_enter/sys_exit pair (filtered on the syscall number first) where those events do not
+ * exist: it runs on every syscall of the machine, and measured +118 ns on each (a getppid()
+ * loop, bpf_stats off).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -93,7 +104,15 @@ _Static_assert(NR_mmap != 0 && NR_munmap != 0 && NR_mremap != 0 && NR_madvise !=
 	       NR_sendto != 0 && NR_sendmsg != 0 && NR_recvmsg != 0 && NR_getsockopt != 0 &&
 	       NR_sendmmsg != 0, "a watched syscall is number 0");
 
-/* The syscall arguments seen at entry, kept until its exit. */
+/*
+ * kprobe entries hand their arguments to the kretprobe in the same pending slot as a syscall
+ * entry, under numbers no syscall has (only one family is ever loaded).
+ */
+#define FN_RX 1001
+#define FN_SEND 1002
+#define FN_MOVE 1003
+
+/* The syscall (or function) arguments seen at entry, kept until its exit. */
 struct zc_pending {
 	__u64 nr;
 	__u64 args[6];
@@ -101,13 +120,6 @@ struct zc_pending {
 	__u64 zap_len;		/* TCP_ZEROCOPY_RECEIVE: bytes the kernel will zap first */
 	__u32 zckey;
 	__u32 zc_enabled;
-};
-
-/* Processes we count for: their last memcg, and whether they hold zerocopy mappings. */
-struct zc_task {
-	__u64 cgroup_id;
-	__u32 rx_mapped;
-	__u32 pad;
 };
 
 struct {
@@ -149,6 +161,13 @@ struct {
 __u64 pending_threads SEC(".data.pending");
 
 /*
+ * Set once a process has mapped TCP_ZEROCOPY_RECEIVE pages: until then the zap and move
+ * probes (every munmap and exit of the host) return at this load. Its own map: userspace
+ * sets it too, when it finds mappings made before netmemtrace started.
+ */
+__u32 rx_mapped_seen SEC(".data.seen");
+
+/*
  * Sockets a process received TCP_ZEROCOPY_RECEIVE mappings on -> that process: bytes it then
  * reads from them by copy (the recv_skip_hint remainder, read()/recv()) are rx_copied_bytes.
  * LRU: a socket closed long ago ages out; its address reused by another process's socket
@@ -188,6 +207,8 @@ static __always_inline struct zc_counters *counters_get(__u32 tgid, bool rx_mapp
 	struct zc_counters *c;
 	struct zc_task *t;
 
+	if (rx_mapped)
+		rx_mapped_seen = 1;
 	t = bpf_map_lookup_elem(&zc_tasks, &tgid);
 	if (t) {
 		t->cgroup_id = key.cgroup_id;
@@ -341,11 +362,27 @@ static __always_inline bool watched(__u64 nr)
 	       nr == NR_mmap || nr == NR_mremap;
 }
 
+/* Remember p for the exit of the current thread's call. */
+static __always_inline int pending_store(const struct zc_pending *p)
+{
+	struct zc_pending *stored;
+
+	stored = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), NULL,
+				      BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!stored) {
+		stat_inc(pending_full);
+		return 0;
+	}
+	if (!stored->nr)
+		__sync_fetch_and_add(&pending_threads, 1);
+	*stored = *p;
+	return 0;
+}
+
 static __always_inline int on_enter(__u64 nr, const __u64 *a)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct zc_pending p = { .nr = nr };
-	struct zc_pending *stored;
 	struct sock *sk;
 
 	if (!wants_entry(nr, a, tgid))
@@ -365,16 +402,7 @@ static __always_inline int on_enter(__u64 nr, const __u64 *a)
 			p.zckey = BPF_CORE_READ(sk, sk_zckey.counter);
 		}
 	}
-	stored = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), NULL,
-				      BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (!stored) {
-		stat_inc(pending_full);
-		return 0;
-	}
-	if (!stored->nr)
-		__sync_fetch_and_add(&pending_threads, 1);
-	*stored = p;
-	return 0;
+	return pending_store(&p);
 }
 
 /* Nothing pending for the current thread any more. */
@@ -382,6 +410,31 @@ static __always_inline void pending_clear(struct zc_pending *p)
 {
 	p->nr = 0;
 	__sync_fetch_and_add(&pending_threads, -1);
+}
+
+/*
+ * A successful TCP_ZEROCOPY_RECEIVE: zc holds len valid bytes of the kernel's results. The
+ * kernel zapped [address, address+zap_len) first when zap_len is known (the syscall family
+ * computes it; function probes see the zap itself).
+ */
+static __always_inline void rx_result(struct zc_counters *c, __u32 tgid, __u64 sk,
+				      const struct tcp_zerocopy_receive *zc, int len, int err,
+				      __u64 zap_len)
+{
+	if (sk)
+		bpf_map_update_elem(&zc_rx_socks, &sk, &tgid, BPF_ANY);
+	c->rx_mapped_bytes += zc->length;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, recv_skip_hint))
+		c->rx_skip_hint_bytes += zc->recv_skip_hint;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, err) && err)
+		c->rx_sock_errors += 1;
+	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, copybuf_len) &&
+	    zc->copybuf_len > 0)
+		c->rx_copied_bytes += zc->copybuf_len;
+	if (zc->length) {
+		counters_get(tgid, true);
+		emit(ZC_EV_RX_MAP, tgid, zc->address, zc->length, 0, zap_len, 0, 0, 0, 0);
+	}
 }
 
 static __always_inline void exit_getsockopt(const struct zc_pending *p, long ret, __u32 tgid)
@@ -406,20 +459,7 @@ static __always_inline void exit_getsockopt(const struct zc_pending *p, long ret
 		c->rx_read_faults += 1;
 		return;
 	}
-	if (p->sk)
-		bpf_map_update_elem(&zc_rx_socks, &p->sk, &tgid, BPF_ANY);
-	c->rx_mapped_bytes += zc.length;
-	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, recv_skip_hint))
-		c->rx_skip_hint_bytes += zc.recv_skip_hint;
-	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, err) && zc.err)
-		c->rx_sock_errors += 1;
-	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, copybuf_len) &&
-	    zc.copybuf_len > 0)
-		c->rx_copied_bytes += zc.copybuf_len;
-	if (zc.length) {
-		counters_get(tgid, true);
-		emit(ZC_EV_RX_MAP, tgid, zc.address, zc.length, 0, p->zap_len, 0, 0, 0, 0);
-	}
+	rx_result(c, tgid, p->sk, &zc, len, zc.err, p->zap_len);
 }
 
 static __always_inline __u64 mmsg_bytes(__u64 vec, long sent)
@@ -469,12 +509,27 @@ static __always_inline void exit_send(const struct zc_pending *p, long ret, __u3
 	emit(ZC_EV_TX_SEND, tgid, 0, bytes, 0, 0, p->sk, p->zckey, zckey, 0);
 }
 
+/* The process read the completion of send ids [ee_info, ee_data] on socket sk. */
+static __always_inline bool tx_done(__u32 tgid, __u64 sk, const struct sock_extended_err *ee)
+{
+	struct zc_counters *c = counters_get(tgid, false);
+
+	if (!c)
+		return false;
+	c->tx_notifications += 1;
+	c->tx_completed_sends += ee->ee_data - ee->ee_info + 1;
+	if (ee->ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
+		c->tx_copied_sends += ee->ee_data - ee->ee_info + 1;
+	emit(ZC_EV_TX_DONE, tgid, 0, 0, 0, 0, sk, ee->ee_info, ee->ee_data,
+	     ee->ee_code & SO_EE_CODE_ZEROCOPY_COPIED);
+	return true;
+}
+
 static __always_inline void exit_errqueue(const struct zc_pending *p, long ret, __u32 tgid)
 {
 	struct user_msghdr msg;
 	struct sock_extended_err ee;
 	struct cmsghdr cm;
-	struct zc_counters *c;
 	__u64 ctl, end;
 	int i;
 
@@ -494,15 +549,8 @@ static __always_inline void exit_errqueue(const struct zc_pending *p, long ret, 
 		     (cm.cmsg_level == SOL_IPV6 && cm.cmsg_type == IPV6_RECVERR)) &&
 		    !bpf_probe_read_user(&ee, sizeof(ee), (void *)(ctl + sizeof(cm))) &&
 		    ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY) {
-			c = counters_get(tgid, false);
-			if (!c)
+			if (!tx_done(tgid, p->sk, &ee))
 				return;
-			c->tx_notifications += 1;
-			c->tx_completed_sends += ee.ee_data - ee.ee_info + 1;
-			if (ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED)
-				c->tx_copied_sends += ee.ee_data - ee.ee_info + 1;
-			emit(ZC_EV_TX_DONE, tgid, 0, 0, 0, 0, p->sk, ee.ee_info, ee.ee_data,
-			     ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED);
 		}
 		ctl += (cm.cmsg_len + 7) & ~7ULL;
 	}
@@ -776,6 +824,272 @@ int BPF_PROG(recv_copied__fentry, struct sock *sk, struct msghdr *msg, size_t le
 	     int *addr_len, int ret)
 {
 	return on_recv_copied((__u64)sk, ret, flags);
+}
+
+/* ===== function probes: the family that replaces the syscall hooks where it attaches ===== */
+
+/* The current thread's pending entry of a kprobe entry numbered nr, or NULL. */
+static __always_inline struct zc_pending *pending_take(__u64 nr)
+{
+	struct zc_pending *p;
+
+	if (!pending_threads)
+		return NULL;
+	p = bpf_task_storage_get(&pending, bpf_get_current_task_btf(), NULL, 0);
+	return p && p->nr == nr ? p : NULL;
+}
+
+/*
+ * A range of vma whose change the ledger follows: a socket mapping (TCP_ZEROCOPY_RECEIVE
+ * maps into nothing else) of the current process, which has received zerocopy mappings.
+ * The mm check skips an mmput() run by another task and a zap of another process's range.
+ */
+static __always_inline bool follows_vma(struct vm_area_struct *vma, __u32 tgid)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct zc_task *t;
+	umode_t mode;
+
+	if (!rx_mapped_seen)
+		return false;
+	if (BPF_CORE_READ(vma, vm_mm) != BPF_CORE_READ(task, mm))
+		return false;
+	mode = BPF_CORE_READ(vma, vm_file, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return false;
+	t = bpf_map_lookup_elem(&zc_tasks, &tgid);
+	return t && t->rx_mapped;
+}
+
+/* TCP_ZEROCOPY_RECEIVE returned ret; kzc is the kernel's copy of the struct, results in. */
+static __always_inline int on_zc_receive(struct sock *sk, struct tcp_zerocopy_receive *kzc,
+					 long ret)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct tcp_zerocopy_receive zc = {};
+	struct zc_counters *c = counters_get(tgid, false);
+
+	if (!c)
+		return 0;
+	c->rx_calls += 1;
+	if (ret < 0) {
+		c->rx_errors += 1;
+		return 0;
+	}
+	if (bpf_probe_read_kernel(&zc, sizeof(zc), kzc)) {
+		c->rx_read_faults += 1;
+		return 0;
+	}
+	/* zc.err is filled in by the caller, from the socket error it is about to consume. */
+	rx_result(c, tgid, (__u64)sk, &zc, sizeof(zc), BPF_CORE_READ(sk, sk_err), 0);
+	return 0;
+}
+
+SEC("fexit/tcp_zerocopy_receive")
+int BPF_PROG(tcp_zerocopy_receive__fentry, struct sock *sk, struct tcp_zerocopy_receive *zc,
+	     void *tss, int ret)
+{
+	return on_zc_receive(sk, zc, ret);
+}
+
+SEC("kprobe/tcp_zerocopy_receive")
+int BPF_KPROBE(tcp_zerocopy_receive__kprobe, struct sock *sk, struct tcp_zerocopy_receive *zc)
+{
+	struct zc_pending p = { .nr = FN_RX, .sk = (__u64)sk, .args = { (__u64)zc } };
+
+	return pending_store(&p);
+}
+
+SEC("kretprobe/tcp_zerocopy_receive")
+int BPF_KRETPROBE(tcp_zerocopy_receive_ret__kprobe, int ret)
+{
+	struct zc_pending *p = pending_take(FN_RX);
+
+	if (p) {
+		on_zc_receive((struct sock *)p->sk, (void *)p->args[0], ret);
+		pending_clear(p);
+	}
+	return 0;
+}
+
+/* A send with MSG_ZEROCOPY: the socket's next send id before it, for its exit. */
+static __always_inline int on_send_entry(struct sock *sk, struct msghdr *msg)
+{
+	struct zc_pending p = { .nr = FN_SEND, .sk = (__u64)sk };
+
+	if (!(BPF_CORE_READ(msg, msg_flags) & MSG_ZEROCOPY))
+		return 0;
+	p.zc_enabled = sk_zerocopy_enabled(sk);
+	p.zckey = BPF_CORE_READ(sk, sk_zckey.counter);
+	return pending_store(&p);
+}
+
+static __always_inline int on_send_exit(long ret)
+{
+	struct zc_pending *p = pending_take(FN_SEND);
+
+	if (p) {
+		exit_send(p, ret, bpf_get_current_pid_tgid() >> 32);
+		pending_clear(p);
+	}
+	return 0;
+}
+
+SEC("fentry/tcp_sendmsg_locked")
+int BPF_PROG(tcp_sendmsg_locked__fentry, struct sock *sk, struct msghdr *msg)
+{
+	return on_send_entry(sk, msg);
+}
+
+SEC("kprobe/tcp_sendmsg_locked")
+int BPF_KPROBE(tcp_sendmsg_locked__kprobe, struct sock *sk, struct msghdr *msg)
+{
+	return on_send_entry(sk, msg);
+}
+
+SEC("fexit/tcp_sendmsg_locked")
+int BPF_PROG(tcp_sendmsg_locked_ret__fentry, struct sock *sk, struct msghdr *msg, size_t size,
+	     int ret)
+{
+	return on_send_exit(ret);
+}
+
+SEC("kretprobe/tcp_sendmsg_locked")
+int BPF_KRETPROBE(tcp_sendmsg_locked_ret__kprobe, int ret)
+{
+	return on_send_exit(ret);
+}
+
+/* recvmsg(MSG_ERRQUEUE) took skb off sk's error queue: a completion when zerocopy's. */
+static __always_inline int on_err_dequeued(__u64 sk, struct sk_buff *skb)
+{
+	struct sock_extended_err ee;
+
+	if (!skb || bpf_probe_read_kernel(&ee, sizeof(ee), (void *)skb +
+					  bpf_core_field_offset(struct sk_buff, cb) +
+					  bpf_core_field_offset(struct sock_exterr_skb, ee)) ||
+	    ee.ee_origin != SO_EE_ORIGIN_ZEROCOPY)
+		return 0;
+	tx_done(bpf_get_current_pid_tgid() >> 32, sk, &ee);
+	return 0;
+}
+
+SEC("fexit/sock_dequeue_err_skb")
+int BPF_PROG(sock_dequeue_err_skb__fentry, struct sock *sk, struct sk_buff *skb)
+{
+	return on_err_dequeued((__u64)sk, skb);
+}
+
+SEC("kretprobe/sock_dequeue_err_skb")
+int BPF_KRETPROBE(sock_dequeue_err_skb__kprobe, struct sk_buff *skb)
+{
+	/* A queued error skb belongs to its socket (sock_queue_err_skb sets skb->sk). */
+	return on_err_dequeued(skb ? (__u64)BPF_CORE_READ(skb, sk) : 0, skb);
+}
+
+/* The page tables of [start, end) of vma are being cleared. */
+static __always_inline int on_zap(struct vm_area_struct *vma, __u64 start, __u64 end)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (end > start && follows_vma(vma, tgid))
+		emit(ZC_EV_UNMAP, tgid, start, end - start, 0, 0, 0, 0, 0, 0);
+	return 0;
+}
+
+/* ---- the per-vma page-table zap: unmap_page_range, renamed __zap_vma_range in 6.19 ---- */
+SEC("fentry/unmap_page_range")
+int BPF_PROG(unmap_page_range__fentry, struct mmu_gather *tlb, struct vm_area_struct *vma,
+	     unsigned long start, unsigned long end)
+{
+	return on_zap(vma, start, end);
+}
+
+SEC("kprobe/unmap_page_range")
+int BPF_KPROBE(unmap_page_range__kprobe, struct mmu_gather *tlb, struct vm_area_struct *vma,
+	       unsigned long start, unsigned long end)
+{
+	return on_zap(vma, start, end);
+}
+
+SEC("fentry/__zap_vma_range")
+int BPF_PROG(__zap_vma_range__fentry, struct mmu_gather *tlb, struct vm_area_struct *vma,
+	     unsigned long start, unsigned long end)
+{
+	return on_zap(vma, start, end);
+}
+
+SEC("kprobe/__zap_vma_range")
+int BPF_KPROBE(__zap_vma_range__kprobe, struct mmu_gather *tlb, struct vm_area_struct *vma,
+	       unsigned long start, unsigned long end)
+{
+	return on_zap(vma, start, end);
+}
+
+/* mremap moved the page tables of moved bytes at old (in vma) to new. */
+static __always_inline int on_moved(struct vm_area_struct *vma, __u64 old, __u64 new,
+				    long moved)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (moved > 0 && follows_vma(vma, tgid))
+		emit(ZC_EV_MREMAP, tgid, old, moved, new, moved, 0, 0, 0, 0);
+	return 0;
+}
+
+/*
+ * ---- move_page_tables: (vma, old_addr, new_vma, new_addr, len, ...) until 6.15, then one
+ * struct pagetable_move_control; returns the bytes moved (a failed move is moved back) ----
+ */
+SEC("fexit/move_page_tables")
+int move_page_tables__fentry(__u64 *ctx)
+{
+	struct pagetable_move_control *pmc;
+	__u64 a0 = 0, a1 = 0, a3 = 0, ret = 0;
+
+	bpf_get_func_ret(ctx, &ret);
+	bpf_get_func_arg(ctx, 0, &a0);
+	if (bpf_core_type_exists(struct pagetable_move_control)) {
+		/*
+		 * The kernel advances old_addr and new_addr as it moves (7.3: both end at the
+		 * end of the move); old_end and len_in stay, so the start is old_end - len_in.
+		 */
+		pmc = (void *)a0;
+		a1 = BPF_CORE_READ(pmc, old_end) - BPF_CORE_READ(pmc, len_in);
+		a3 = BPF_CORE_READ(pmc, new_addr) - (BPF_CORE_READ(pmc, old_addr) - a1);
+		return on_moved(BPF_CORE_READ(pmc, old), a1, a3, ret);
+	}
+	bpf_get_func_arg(ctx, 1, &a1);
+	bpf_get_func_arg(ctx, 3, &a3);
+	return on_moved((void *)a0, a1, a3, ret);
+}
+
+SEC("kprobe/move_page_tables")
+int BPF_KPROBE(move_page_tables__kprobe, void *a0, __u64 a1, void *a2, __u64 a3)
+{
+	struct pagetable_move_control *pmc = a0;
+	struct zc_pending p = { .nr = FN_MOVE, .args = { (__u64)a0, a1, a3 } };
+
+	if (!rx_mapped_seen)
+		return 0;
+	if (bpf_core_type_exists(struct pagetable_move_control)) {
+		p.args[0] = (__u64)BPF_CORE_READ(pmc, old);
+		p.args[1] = BPF_CORE_READ(pmc, old_addr);
+		p.args[2] = BPF_CORE_READ(pmc, new_addr);
+	}
+	return pending_store(&p);
+}
+
+SEC("kretprobe/move_page_tables")
+int BPF_KRETPROBE(move_page_tables_ret__kprobe, long moved)
+{
+	struct zc_pending *p = pending_take(FN_MOVE);
+
+	if (p) {
+		on_moved((void *)p->args[0], p->args[1], p->args[2], moved);
+		pending_clear(p);
+	}
+	return 0;
 }
 
 /* ---- sched_process_exit: every thread; the process is gone with its last ---- */

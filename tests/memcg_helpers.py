@@ -1,5 +1,6 @@
 """Child memory cgroups for tests: created under the test process's own memory cgroup
-(never touching others) and removed afterwards."""
+(never touching others) and removed afterwards. Either hierarchy: v1 on the CI host, v2 in
+the kernel matrix's guests."""
 
 from __future__ import annotations
 
@@ -11,32 +12,46 @@ from pathlib import Path
 
 from netmemtrace.collect import cgroups
 
-V1 = Path("/sys/fs/cgroup/memory")
+HIERARCHY = cgroups.memory_hierarchy()
+
+
+def mount() -> Path:
+    """Where the memory hierarchy is mounted."""
+    if HIERARCHY == "v2":
+        root = cgroups.v2_root()
+        assert root is not None
+        return root
+    return cgroups.V1_MEMORY
 
 
 def own_memcg() -> str:
     with open("/proc/self/cgroup") as f:
         for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if "memory" in controllers.split(","):
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            if (HIERARCHY == "v2" and hid == "0") or "memory" in controllers.split(","):
                 return path
     raise RuntimeError("no memory controller in /proc/self/cgroup")
 
 
+def sock_bytes(d: Path) -> int:
+    """Socket memory charged to the memcg at d now, from its own file: v1's tcp usage
+    (accounted once a tcp limit is set), v2's memory.stat sock (always accounted)."""
+    if HIERARCHY == "v2":
+        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+        return int(stat["sock"])
+    return int((d / "memory.kmem.tcp.usage_in_bytes").read_text())
+
+
 @contextlib.contextmanager
 def child_memcg(name: str, tcp_limit: int | None = None) -> Iterator[tuple[Path, str]]:
-    """(directory, path relative to the memory hierarchy) of a new child memcg, on cgroup
-    v1 (tcp_limit: v1 counts TCP memory only where it is set) or v2 (where socket memory is
-    always charged, so tcp_limit has nothing to set)."""
-    if cgroups.memory_hierarchy() == "v2":
-        with child_cgroup_v2(name) as made:
-            yield made
-        return
+    """(directory, path relative to the memory hierarchy) of a new child memcg. tcp_limit:
+    v1's memory.kmem.tcp.limit_in_bytes, which turns its socket accounting on (v2 has no
+    such switch: sockets are always charged)."""
     rel = f"{own_memcg().rstrip('/')}/nmt-{os.getpid()}-{name}"
-    d = V1 / rel.lstrip("/")
+    d = mount() / rel.lstrip("/")
     d.mkdir()
     try:
-        if tcp_limit is not None:
+        if tcp_limit is not None and HIERARCHY == "v1":
             (d / "memory.kmem.tcp.limit_in_bytes").write_text(str(tcp_limit))
         yield d, rel
     finally:

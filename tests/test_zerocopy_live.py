@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SLOW
-from memcg_helpers import child_memcg
+from memcg_helpers import HIERARCHY, child_memcg, sock_bytes
 
 from netmemtrace import abi, probes
-from netmemtrace.collect import cgroups, zerocopy
+from netmemtrace.collect import zerocopy
 from netmemtrace.collect.memcg import MemcgCollector, filter_snapshot
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
@@ -34,6 +34,20 @@ STREAM = 8_000_000
 COUNTERS = ("rx_calls", "rx_errors", "rx_mapped_bytes", "rx_skip_hint_bytes", "tx_zc_calls",
             "tx_zc_bytes", "tx_notifications",
             "tx_completed_sends", "tx_copied_sends")
+
+# The kernel-matrix guests (6.1 ... 7.3) all attach fentry and kprobes: there the function
+# family must serve, and the syscall tracepoints stay off.
+GUEST = os.environ.get("NETMEMTRACE_GUEST") == "1"
+TRACEPOINTS = ("tp_btf", "raw_tp", "tracepoint")
+# The matrix runs this file twice in each guest: as is (fentry), and with
+# NETMEMTRACE_MECHANISMS=tp_btf,raw_tp,tracepoint,kprobe (function probes by kprobe).
+ENV_MECHANISMS = os.environ.get("NETMEMTRACE_MECHANISMS")
+
+
+def kernel() -> probes.Kernel:
+    """What the CLI would make of NETMEMTRACE_MECHANISMS (every mechanism without it)."""
+    return probes.Kernel(mechanisms=probes.parse_mechanisms(ENV_MECHANISMS)
+                         if ENV_MECHANISMS else None)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +71,7 @@ def netns() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[Session]:
-    with Session() as s:
+    with Session(mechanisms=ENV_MECHANISMS) as s:
         yield s
 
 
@@ -105,7 +119,7 @@ def test_totals_and_attribution_match_the_workload(session, workload, netns) -> 
         w = Workload(workload, netns, d, str(STREAM), "reuse", "errors")
         try:
             snap = session.read()
-            tcp_usage = int((d / "memory.kmem.tcp.usage_in_bytes").read_text())
+            tcp_usage = sock_bytes(d)
             m = memcg_row(snap, rel)
             p = process_row(snap, w.pid)
             t = w.totals
@@ -122,17 +136,20 @@ def test_totals_and_attribution_match_the_workload(session, workload, netns) -> 
             assert t["rx_mapped_bytes"] > 0 and t["tx_copied_sends"] == t["tx_zc_calls"]
             assert p.zerocopy.tx_inflight_bytes == 0  # every completion was read
             assert p.zerocopy.rx_mapped_pages * 4096 == t["rx_mapped_bytes"]
-            assert (m.cgroup_id, m.hierarchy) == (os.stat(d).st_ino, "v1")
+            assert (m.cgroup_id, m.hierarchy) == (os.stat(d).st_ino, HIERARCHY)
             assert p.memcg_id == m.cgroup_id and p.comm == "zc_workload"
             # reuse mode: the kernel zaps what it is about to map (sometimes more than it
             # then maps), so the page tables (smaps) are the ground truth here
             held = smaps_socket_rss(w.pid)
             assert 0 < p.zerocopy_unaccounted_bytes == held == p.smaps_socket_rss_bytes
             assert p.ledger_vs_smaps_bytes == 0
-            # v1 polled socket memory, against the kernel's own file
-            assert m.sock_charged_now_source == "memory.kmem.tcp.usage_in_bytes (polled)"
+            # polled socket memory, against the kernel's own file
+            assert m.sock_charged_now_source == (
+                "memory.kmem.tcp.usage_in_bytes (polled)" if HIERARCHY == "v1"
+                else "memory.stat sock (polled)")
             assert m.sock_charged_now_bytes == tcp_usage
-            assert isinstance(m.sock_charged_pages_total, Unavailable)
+            # v1 has no charge event to count; v2's mod_memcg_state tracepoint is one
+            assert isinstance(m.sock_charged_pages_total, Unavailable) == (HIERARCHY == "v1")
             assert m.would_be_charged_bytes == tcp_usage + held
             assert str(w.pid) in verify_table(filter_snapshot(snap, cgroup=rel))
             assert filter_snapshot(snap, cgroup=rel + "-other").memcgs == ()
@@ -141,29 +158,34 @@ def test_totals_and_attribution_match_the_workload(session, workload, netns) -> 
             w.stop()
 
 
-def test_v1_without_tcp_limit_is_inactive_not_zero(session, workload, netns) -> None:
-    if cgroups.memory_hierarchy() != "v1":
-        pytest.xfail("cgroup v1 only: v2 always charges socket memory, there is no "
-                     "memory.kmem.tcp.limit_in_bytes to leave unset")
+def test_without_tcp_limit_v1_is_inactive_not_zero_v2_charges(session, workload,
+                                                             netns) -> None:
+    """v1 charges sockets only once memory.kmem.tcp.limit_in_bytes is set: unavailable,
+    not 0; v2 always charges them (memory.stat sock)."""
     with child_memcg("inactive") as (d, rel):
         w = Workload(workload, netns, d, "1000000", "reuse")
         try:
             m = memcg_row(session.read(), rel)
-            assert isinstance(m.sock_charged_now_bytes, Unavailable)
-            assert "inactive" in m.sock_charged_now_bytes.reason
-            assert isinstance(m.would_be_charged_bytes, Unavailable)
+            if HIERARCHY == "v1":
+                assert isinstance(m.sock_charged_now_bytes, Unavailable)
+                assert "inactive" in m.sock_charged_now_bytes.reason
+                assert isinstance(m.would_be_charged_bytes, Unavailable)
+            else:
+                assert m.sock_charged_now_bytes == sock_bytes(d)
+                assert m.would_be_charged_bytes == m.sock_charged_now_bytes + \
+                    m.zerocopy_unaccounted_bytes
             assert m.zerocopy_unaccounted_bytes == smaps_socket_rss(w.pid)
         finally:
             w.stop()
 
 
-def test_ledger_hold_dontneed_half_munmap(session, workload, netns) -> None:
+def test_ledger_hold_mremap_dontneed_half_munmap(session, workload, netns) -> None:
     with child_memcg("hold") as (d, rel):
         w = Workload(workload, netns, d, str(STREAM), "hold")
         try:
             held = w.totals["held_bytes"]
             assert held == w.totals["rx_mapped_bytes"] > STREAM // 2
-            for step in (None, "dontneed_half", "munmap"):
+            for step in (None, "mremap", "dontneed_half", "munmap"):
                 if step:
                     held = w.command(step)["held_bytes"]
                 snap = session.read()
@@ -191,6 +213,55 @@ def test_sigkill_while_holding_leaves_nothing(session, workload, netns) -> None:
         assert w.pid not in session._memcg.zerocopy.ledger.pids()
         # Its counters survive in the memcg's totals.
         assert m.zerocopy.rx_mapped_bytes == w.totals["rx_mapped_bytes"]
+
+
+def test_ratio_is_the_workloads_own_mmaped_percentage(session, workload, netns) -> None:
+    """Read as the kernel's tcp_mmap selftest reads (issue 16.2): map, then read() the
+    recv_skip_hint remainder. Those read() bytes and the copybuf are rx_copied_bytes, and
+    mapped / (mapped + copied), printed as tcp_mmap prints it (%g), is the workload's own
+    "% mmap'ed"."""
+    with child_memcg("tcpmmap") as (d, _):
+        w = Workload(workload, netns, d, str(STREAM), "tcpmmap")
+        try:
+            z = process_row(session.read(), w.pid).zerocopy
+            t = w.totals
+            assert t["rx_recv_bytes"] > 0 and t["rx_mapped_bytes"] > 0
+            assert z.rx_mapped_bytes == t["rx_mapped_bytes"]
+            assert z.rx_copied_bytes == t["rx_copied_bytes"] + t["rx_recv_bytes"]
+            assert z.rx_mapped_bytes + z.rx_copied_bytes == STREAM
+            assert 0 < z.rx_zerocopy_ratio < 1
+            assert f"{z.rx_zerocopy_ratio * 100:g}" == t["mmap_pct"]
+        finally:
+            w.stop()
+
+
+def test_mapped_before_attach_has_a_row_and_is_followed(workload, netns) -> None:
+    """A process already holding zerocopy pages when netmemtrace attaches made no call it
+    could see: its mappings are found at start (/proc maps + pagemap), it has a row with the
+    pages it holds (to the byte of smaps), and its later unmaps reach the ledger."""
+    with child_memcg("before") as (d, rel):
+        w = Workload(workload, netns, d, str(STREAM), "hold")
+        lo = zerocopy.load_object(kernel())
+        memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
+        collector = MemcgCollector(memcg_lo, lo, rows=zerocopy.DUMP_ROWS)
+        try:
+            held = w.totals["held_bytes"]
+            for step in (None, "dontneed_half", "munmap"):
+                if step:
+                    held = w.command(step)["held_bytes"]
+                memcgs, _, _ = collector.read(time.monotonic_ns())
+                (m,) = [m for m in memcgs if m.path == rel]
+                (p,) = m.processes
+                assert (p.pid, p.zerocopy.rx_calls) == (w.pid, 0)
+                assert p.zerocopy_unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                assert p.smaps_socket_rss_bytes == held and p.ledger_vs_smaps_bytes == 0
+                assert m.zerocopy_unaccounted_bytes == held
+            assert held == 0 and p.zerocopy_unaccounted_hwm_bytes == w.totals["held_bytes"]
+        finally:
+            w.stop()
+            collector.close()
+            memcg_lo.close()
+            lo.close()
 
 
 def test_map_then_discard(session, workload, netns) -> None:
@@ -276,7 +347,7 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
     """serve/top keep exited rows for a bounded time and number: the oldest beyond the cap
     goes at once (evicted), the rest when the retention is over (expired); the memcg's
     totals keep their counts either way."""
-    lo = zerocopy.load_object()
+    lo = zerocopy.load_object(kernel())
     memcg_lo = probes.load_object("memcg", str(abi.object_path("memcg")))
     rows = zerocopy.ProcessRows(exited_retention_s=2.0, max_exited=1, per_memcg=None)
     collector = MemcgCollector(memcg_lo, lo, rows=rows)
@@ -284,13 +355,13 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
         with child_memcg("retention") as (d, rel):
             first = exited_workload(workload, netns, d)
             second = exited_workload(workload, netns, d)
-            memcgs, stats = collector.read(time.monotonic_ns())
+            memcgs, stats, _ = collector.read(time.monotonic_ns())
             (m,) = [m for m in memcgs if m.path == rel]
             assert [(p.pid, p.exited) for p in m.processes] == [(second["pid"], True)]
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
                     stats.exited_rows_expired) == (1, 1, 0)
             assert m.zerocopy.tx_zc_bytes == first["tx_zc_bytes"] + second["tx_zc_bytes"]
-            memcgs, stats = collector.read(time.monotonic_ns() + int(2.5e9))
+            memcgs, stats, _ = collector.read(time.monotonic_ns() + int(2.5e9))
             (m,) = [m for m in memcgs if m.path == rel]
             assert m.processes == ()
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
@@ -303,7 +374,7 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
 
 
 def test_ledger_overflow_is_counted(workload, netns) -> None:
-    lo = zerocopy.load_object()
+    lo = zerocopy.load_object(kernel())
     reader = ZerocopyReader(lo.obj, max_ranges=4)
     try:
         with child_memcg("overflow") as (d, _):
@@ -332,34 +403,69 @@ def pending_threads(obj) -> int:
     return int.from_bytes(raw[:8], sys.byteorder)
 
 
-@pytest.mark.parametrize("mechanism", ["syscalls", "tp_btf", "raw_tp", "tracepoint"])
-def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism) -> None:
-    """The per-syscall tracepoints (the default: "syscalls") and each variant of the raw
-    sys_enter/sys_exit fallback get the syscall number and arguments their own way (tp_btf:
-    loads through the typed pt_regs; raw_tp: probe reads; tracepoint: the record), and each
-    must count, map and unmap alike. Afterwards no thread may be left counted as in a call,
-    a killed one included: that count lets every other exit skip the lookup."""
-    if mechanism == "syscalls":
-        lo = zerocopy.load_object()
-        hooks, mech = zerocopy.PER_SYSCALL_HOOKS, "tracepoint"
-    else:
-        lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=mechanism,
-                                disabled={h: "test" for h in zerocopy.PER_SYSCALL_HOOKS})
-        hooks, mech = zerocopy.RAW_SYSCALL_HOOKS, mechanism
+def load_family(family: str) -> tuple[probes.LoadedObject, tuple[str, ...], str]:
+    """The object as the family under test loads it: (object, hooks that must be attached,
+    their mechanism). fentry/kprobe: the default load with function probes narrowed to that
+    one (as --mechanisms tp_btf,raw_tp,tracepoint,kprobe does); where it cannot attach (this CI
+    host: fentry EPERM, no kprobes) the syscall tracepoints must serve and say why."""
+    if family in ("fentry", "kprobe"):
+        lo = zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS + (family,)))
+        rows = {r.hook: r for r in lo.status()}
+        if rows["tcp_zerocopy_receive"].attached:
+            need = tuple(h for h in zerocopy.FUNCTION_HOOKS if h not in zerocopy.ZAP_HOOKS
+                         and (family == "kprobe" or h not in zerocopy.KRETPROBE_HOOKS))
+            # No syscall tracepoint at all: they would tax every syscall of the host.
+            for h in zerocopy.SYSCALL_HOOKS:
+                assert not rows[h].attached and rows[h].off == probes.OFF_REPLACED, rows[h]
+                assert f"function probes ({family})" in rows[h].reason
+            zap = [rows[h] for h in zerocopy.ZAP_HOOKS if rows[h].attached]
+            assert [r.mechanism for r in zap] == [family], zap
+            if family == "fentry":
+                for h in zerocopy.KRETPROBE_HOOKS:
+                    assert rows[h].off == probes.OFF_REPLACED and "fexit" in rows[h].reason
+            return lo, need, family
+        assert not GUEST, f"{family} must serve here: {rows['tcp_zerocopy_receive']}"
+        for h in zerocopy.FUNCTION_HOOKS:
+            assert rows[h].off == probes.OFF_REPLACED and not rows[h].attached
+            assert "function probes cannot serve" in rows[h].reason, rows[h]
+        return lo, zerocopy.PER_SYSCALL_HOOKS, "tracepoint"
+    # The syscall families, with function probes ruled out as on a kernel without them.
+    if family == "syscalls":
+        return (zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS)),
+                zerocopy.PER_SYSCALL_HOOKS, "tracepoint")
+    lo = probes.load_object("zerocopy", str(abi.object_path("zerocopy")), force=family,
+                            disabled={h: "test" for h in zerocopy.PER_SYSCALL_HOOKS})
+    return lo, zerocopy.RAW_SYSCALL_HOOKS, family
+
+
+@pytest.mark.parametrize("family", ["fentry", "kprobe", "syscalls", "tp_btf", "raw_tp",
+                                    "tracepoint"])
+def test_every_hook_family_matches_the_workload(workload, netns, family) -> None:
+    """Function probes (fentry, or kprobe forced), the per-syscall tracepoints ("syscalls",
+    their fallback) and each variant of the raw sys_enter/sys_exit pair (tp_btf: loads
+    through the typed pt_regs; raw_tp: probe reads; tracepoint: the record) each see the
+    calls their own way, and each must count, map, move and unmap alike, to the byte of
+    smaps. Afterwards no thread may be left counted as in a call, a killed one included:
+    that count lets every other exit skip the lookup."""
+    lo, hooks, mech = load_family(family)
     reader = ZerocopyReader(lo.obj)
     try:
         rows = {r.hook: r for r in lo.status()}
         for hook in hooks:
             assert rows[hook].attached and rows[hook].mechanism == mech, rows[hook]
         # One family only, or every call would count twice.
-        other = zerocopy.RAW_SYSCALL_HOOKS if mechanism == "syscalls" \
-            else zerocopy.PER_SYSCALL_HOOKS
-        assert not any(rows[h].attached for h in other)
-        with child_memcg(f"mech-{mechanism}") as (d, _):
+        if hooks == zerocopy.RAW_SYSCALL_HOOKS:
+            others = zerocopy.PER_SYSCALL_HOOKS + zerocopy.FUNCTION_HOOKS
+        elif hooks == zerocopy.PER_SYSCALL_HOOKS:
+            others = zerocopy.RAW_SYSCALL_HOOKS + zerocopy.FUNCTION_HOOKS
+        else:
+            others = zerocopy.SYSCALL_HOOKS
+        assert not any(rows[h].attached for h in others)
+        with child_memcg(f"fam-{family}") as (d, _):
             w = Workload(workload, netns, d, str(STREAM), "hold", "errors")
             try:
                 held = w.totals["held_bytes"]
-                for step in (None, "dontneed_half", "munmap"):
+                for step in (None, "mremap", "dontneed_half", "munmap"):
                     if step:
                         held = w.command(step)["held_bytes"]
                     procs, _, _ = reader.read()
@@ -371,6 +477,13 @@ def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism
                     assert mine[0].counters[name] == w.totals[name], name
             finally:
                 w.stop()
+            r = Workload(workload, netns, d, str(STREAM), "reuse")
+            try:  # the kernel zaps before it maps: smaps is the truth
+                procs, _, _ = reader.read()
+                (mine,) = [p for p in procs if p.pid == r.pid]
+                assert 0 < mine.unaccounted_bytes == smaps_socket_rss(r.pid)
+            finally:
+                r.stop()
             spin = Workload(workload, netns, d, "0", "spin")
             time.sleep(0.2)
             spin.stop()  # SIGKILL, most likely inside a getsockopt
@@ -396,7 +509,7 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
         return real(kernel, cand)
 
     monkeypatch.setattr(probes.Kernel, "static_check", no_mmap_events)
-    lo = zerocopy.load_object()
+    lo = zerocopy.load_object(probes.Kernel(mechanisms=TRACEPOINTS))  # as without fentry
     try:
         rows = {r.hook: r for r in lo.status()}
         assert all(rows[h].attached for h in zerocopy.RAW_SYSCALL_HOOKS)

@@ -242,7 +242,7 @@ def _process(p: ProcessFigures, now_ns: int, cross_check: CrossCheck) -> Process
     diff: int | Unavailable
     if p.exit_ns is not None:
         smaps = diff = Unavailable("process exited: its mappings went with it")
-    elif p.counters["rx_calls"]:
+    elif p.counters["rx_calls"] or p.unaccounted_hwm_bytes:  # hwm: found mapped at start
         smaps, diff = cross_check(p.pid, p.unaccounted_bytes)
     else:  # smaps is read only for TCP_ZEROCOPY_RECEIVE callers, never for every process
         smaps = diff = Unavailable("process never called TCP_ZEROCOPY_RECEIVE")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
 from .. import abi, libbpf, probes
 from ..snapshot import Unavailable, ZerocopyStats
+from . import cgroups
 from .ledger import PAGE, Ledger
 
 ZC_EV_RX_MAP, ZC_EV_UNMAP, ZC_EV_MAP_NEW, ZC_EV_MREMAP = 1, 2, 3, 4
@@ -30,26 +32,107 @@ COUNTER_FIELDS = (
 )
 
 
-# Syscall hooks come in two families in bpf/zerocopy.bpf.c; exactly one is loaded. The
-# per-syscall tracepoints cost an unwatched syscall 65 ns, against 118 ns for the raw
-# sys_enter/sys_exit pair, which runs a program on every syscall of the machine (bench part
-# 4: a getppid() loop with bpf_stats off). The raw pair serves where the per-syscall events
+# Two families of hooks follow zerocopy in bpf/zerocopy.bpf.c; exactly one is loaded.
+# Function probes where they attach: the kernel functions doing the work, paid only by that
+# work. Syscall tracepoints otherwise, which put every thread of the host on the syscall
+# tracing slow path (bench part 4: getppid +54 ns, +33 %). Among those, the per-syscall
+# tracepoints cost an unwatched syscall 65 ns, against 118 ns for the raw sys_enter/sys_exit
+# pair (a program on every syscall of the machine), which serves where the per-syscall events
 # are missing (CONFIG_FTRACE_SYSCALLS off, no tracefs) or refuse to attach.
 WATCHED_SYSCALLS = ("getsockopt", "sendmsg", "sendto", "sendmmsg", "recvmsg", "mmap", "munmap",
                     "madvise", "mremap")
 PER_SYSCALL_HOOKS = tuple(f"sys_{d}_{n}" for n in WATCHED_SYSCALLS for d in ("enter", "exit"))
 RAW_SYSCALL_HOOKS = ("sys_enter", "sys_exit")
+SYSCALL_HOOKS = PER_SYSCALL_HOOKS + RAW_SYSCALL_HOOKS
 RAW_OFF = {h: "off: the per-syscall tracepoints serve instead (raw_syscalls would run a "
               "program on every syscall of the machine)" for h in RAW_SYSCALL_HOOKS}
+# The function-probe family. The per-vma page-table zap was renamed in 6.19: the kernel has
+# one of ZAP_HOOKS. The *_ret hooks are kretprobes only: fexit reads the return itself.
+ZAP_HOOKS = ("unmap_page_range", "__zap_vma_range")
+KRETPROBE_HOOKS = ("tcp_zerocopy_receive_ret", "move_page_tables_ret")
+FUNCTION_HOOKS = ("tcp_zerocopy_receive", "tcp_sendmsg_locked", "tcp_sendmsg_locked_ret",
+                  "sock_dequeue_err_skb", "move_page_tables") + KRETPROBE_HOOKS + ZAP_HOOKS
+
+
+def _needed(mechanism: str) -> tuple[str, ...]:
+    """The function hooks that must attach with mechanism (besides one of ZAP_HOOKS)."""
+    return tuple(h for h in FUNCTION_HOOKS if h not in ZAP_HOOKS
+                 and (mechanism == "kprobe" or h not in KRETPROBE_HOOKS))
+
+
+def _family_missing(status: list[probes.ProbeStatus] | dict[str, str | None],
+                    mechanism: str) -> str | None:
+    """Why the function family cannot serve with mechanism: the first needed hook that
+    cannot (status: hook -> None when it can, else why), or None."""
+    why = status if isinstance(status, dict) else {
+        s.hook: None if s.attached and s.mechanism == mechanism else s.reason or "not attached"
+        for s in status}
+    for hook in _needed(mechanism):
+        if why.get(hook, "not in the object") is not None:
+            return f"{hook}: {why.get(hook, 'not in the object')}"
+    if all(why.get(h, "not in the object") is not None for h in ZAP_HOOKS):
+        return "; ".join(f"{h}: {why.get(h, 'not in the object')}" for h in ZAP_HOOKS)
+    return None
+
+
+FUNCTION_MECHANISMS = ("fentry", "kprobe")
+
+
+def _narrowed(kernel: probes.Kernel, mechanism: str | None) -> probes.Kernel:
+    """kernel with function probes of one kind only (None: none), sharing what it learnt."""
+    k = probes.Kernel(kernel.btf_path, tuple(
+        m for m in kernel.allowed if m not in FUNCTION_MECHANISMS or m == mechanism))
+    k.refused = kernel.refused
+    return k
+
+
+def _static_plan(path: str, kernel: probes.Kernel) -> tuple[str | None, str]:
+    """The function-probe mechanism every needed hook can use on this kernel, decided
+    without loading (a load that is then redone costs start-up), or None and why not."""
+    hooks = probes.read_catalogue(path, kernel.btf_path)
+    reasons = []
+    for mech in FUNCTION_MECHANISMS:
+        why: dict[str, str | None] = {}
+        for name, hook in hooks.items():
+            cand = next((c for c in hook.candidates if c.mechanism == mech), None)
+            if cand is not None:
+                why[name] = kernel.static_check(cand)
+        missing = _family_missing(why, mech)
+        if missing is None:
+            return mech, ""
+        reasons.append(f"{mech}: {missing}")
+    return None, "; ".join(reasons)
 
 
 def load_object(kernel: probes.Kernel | None = None,
                 max_entries: dict[str, int] | None = None) -> probes.LoadedObject:
-    """The zerocopy object with the per-syscall hooks, or with the raw pair where any of
-    them cannot attach (a half-watched syscall set would count some calls and not others)."""
+    """The zerocopy object with the function-probe family (fentry, else kprobe) where every
+    one of its hooks attaches, else the per-syscall tracepoints, else the raw syscall pair
+    (a half-watched set would count some calls and not others)."""
     path = str(abi.object_path("zerocopy"))
     kernel = kernel or probes.Kernel()
-    lo = probes.load_object("zerocopy", path, kernel=kernel, replaced=RAW_OFF,
+    mech, why = _static_plan(path, kernel)
+    tried = []
+    for m in (mech, "kprobe") if mech == "fentry" else (mech,):
+        if m is None or m not in kernel.allowed:
+            continue
+        replaced = {h: f"replaced: function probes ({m}) follow zerocopy where it happens; "
+                       "syscall tracepoints would tax every syscall of the host"
+                    for h in SYSCALL_HOOKS}
+        if m == "fentry":
+            replaced |= {h: "replaced: fexit on " + h.removesuffix("_ret") + " reads the "
+                            "return" for h in KRETPROBE_HOOKS}
+        lo = probes.load_object("zerocopy", path, kernel=_narrowed(kernel, m),
+                                replaced=replaced, max_entries=max_entries)
+        missing = _family_missing(lo.status(), m)
+        if missing is None:
+            return lo
+        lo.close()
+        tried.append(f"{m}: {missing}")
+    why = "; ".join(tried) or why
+    fn_off = {h: f"off: function probes cannot serve ({why}); the syscall tracepoints do"
+              for h in FUNCTION_HOOKS}
+    lo = probes.load_object("zerocopy", path, kernel=kernel, replaced=RAW_OFF | fn_off,
                             max_entries=max_entries)
     failed = [s for s in lo.status() if s.hook in PER_SYSCALL_HOOKS and not s.attached]
     if not failed:
@@ -58,7 +141,7 @@ def load_object(kernel: probes.Kernel | None = None,
     why = (f"off: {failed[0].hook} cannot attach ({failed[0].reason}); raw_syscalls serve "
            "instead")
     return probes.load_object("zerocopy", path, kernel=kernel, max_entries=max_entries,
-                              replaced={h: why for h in PER_SYSCALL_HOOKS})
+                              replaced=fn_off | {h: why for h in PER_SYSCALL_HOOKS})
 
 
 class TxTracker:
@@ -124,6 +207,49 @@ def smaps_socket_rss(pid: int) -> int:
     return total
 
 
+def mapped_socket_pages(pid: int) -> list[tuple[int, int]]:
+    """[start, end) runs of pages mapped now in the socket mappings of pid (TCP zerocopy
+    windows), from /proc/PID/maps and the present bit of /proc/PID/pagemap."""
+    vmas = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "socket:[" in line:
+                lo, _, hi = line.split(maxsplit=1)[0].partition("-")
+                vmas.append((int(lo, 16), int(hi, 16)))
+    runs: list[tuple[int, int]] = []
+    if not vmas:
+        return runs
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for lo, hi in vmas:
+            pm.seek(lo // PAGE * 8)
+            entries = pm.read((hi - lo) // PAGE * 8)
+            for i in range(0, len(entries), 8):
+                if entries[i + 7] & 0x80:  # bit 63: present
+                    addr = lo + i // 8 * PAGE
+                    if runs and runs[-1][1] == addr:
+                        runs[-1] = (runs[-1][0], addr + PAGE)
+                    else:
+                        runs.append((addr, addr + PAGE))
+    return runs
+
+
+def memcg_id_of(pid: int) -> int | None:
+    """The id BPF's task_memcg_id() gives pid's tasks: the inode of its memory cgroup, on
+    v2 the nearest ancestor with the memory controller (the css a task is charged to)."""
+    hierarchy = cgroups.memory_hierarchy()
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            if hierarchy == "v2" and hid == "0" and (root := cgroups.v2_root()):
+                d = root / path.lstrip("/")
+                while d != root and not (d / "memory.stat").exists():
+                    d = d.parent
+                return os.stat(d).st_ino
+            if hierarchy == "v1" and "memory" in controllers.split(","):
+                return os.stat(cgroups.V1_MEMORY / path.lstrip("/")).st_ino
+    return None
+
+
 def comm_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -187,6 +313,11 @@ class ZerocopyReader:
         self._stats_t = btf.struct("zc_stats")
         self._counters = obj.map("zc_counters")
         self._stats = obj.map("zc_stats")
+        self._tasks = obj.map("zc_tasks")
+        self._seen = obj.map(".data.seen")
+        self._task_t = btf.struct("zc_task")
+        self.seeded_pids: set[int] = set()
+        self._seeded = threading.Event()  # the draining thread's seed() is done
         self.ledger = Ledger(max_ranges)
         self.tx = TxTracker()
         self.exited: dict[int, dict[str, int]] = {}  # memcg id -> counters of exited procs
@@ -211,7 +342,38 @@ class ZerocopyReader:
                                                 daemon=True)
                 self._thread.start()
 
+    def seed(self) -> None:
+        """Mappings made before netmemtrace attached: the kernel saw no call to tell the
+        ledger, so every process's socket mappings are read once from /proc (maps, and
+        pagemap's present bit), entered in the ledger, and the process followed from now on
+        as if it had mapped them while traced. Run by the draining thread, after the hooks
+        attached (an unmap from then on reaches the ledger after this)."""
+        with self._lock:
+            self._rb.poll(0)
+            now = time.monotonic_ns()
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or (pid := int(entry.name)) in self.ledger.pids():
+                    continue
+                try:
+                    runs = mapped_socket_pages(pid)
+                    memcg = memcg_id_of(pid) if runs else None
+                except (OSError, ValueError):
+                    continue  # gone, or not ours to read
+                if memcg is None:
+                    continue
+                for lo, hi in runs:
+                    self.ledger.rx_map(pid, memcg, lo, hi - lo, now)
+                self._tasks.update(ctypes.c_uint32(pid),
+                                   bytes(self._task_t(cgroup_id=memcg, rx_mapped=1)))
+                self.seeded_pids.add(pid)
+            if self.seeded_pids:
+                self._seen.update(ctypes.c_uint32(0), (1).to_bytes(4, sys.byteorder))
+
     def _run(self) -> None:
+        try:
+            self.seed()
+        finally:
+            self._seeded.set()
         # Wait for samples outside the lock, consume under it: read() never waits on a
         # poll timeout (libbpf's ring_buffer is not safe to poll from two threads at once).
         while not self._stop.is_set():
@@ -298,6 +460,8 @@ class ZerocopyReader:
         """(per-process figures, exited processes' rows within their retention last;
         exited counters per memcg; ledger hwm per memcg). now_ns: CLOCK_MONOTONIC."""
         self.start()
+        if self._thread is not None:
+            self._seeded.wait()
         with self._lock:
             self._rb.poll(0)
             self._expire(time.monotonic_ns() if now_ns is None else now_ns)
@@ -314,6 +478,14 @@ class ZerocopyReader:
                     unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0) if own else 0,
                     oldest_mapped_ns=led.oldest_mapped_ns(pid) if own else None,
                     inflight_bytes=inflight.get(pid, 0)))
+            # Seeded processes that made no call since: a row for the pages they hold.
+            for pid in self.seeded_pids & set(led.pids()) - {p for p, _ in counters}:
+                memcg = led.memcg_of(pid)
+                procs.append(ProcessFigures(
+                    pid=pid, memcg_id=memcg or 0, counters=dict.fromkeys(COUNTER_FIELDS, 0),
+                    unaccounted_bytes=led.held_bytes(pid),
+                    unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0),
+                    oldest_mapped_ns=led.oldest_mapped_ns(pid), inflight_bytes=0))
             procs += self.gone.values()
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
 

@@ -9,11 +9,18 @@
  *     MODE reuse:   every call maps at the start of a small window (the kernel zaps first;
  *                   it may zap more than it maps, so held_bytes is exact in hold mode only)
  *     MODE discard: map, touch, madvise(MADV_DONTNEED) what was mapped, repeat
+ *     MODE tcpmmap: as the kernel's tcp_mmap selftest reads: map (no copybuf),
+ *                   madvise(MADV_DONTNEED) the chunk, then read() the recv_skip_hint
+ *                   remainder after every call; the
+ *                   sender writes chunks that are not whole pages, so there is a remainder.
+ *                   Prints "mmap_pct" the way tcp_mmap prints "%g %% mmap'ed".
  *     MODE spin:    call TCP_ZEROCOPY_RECEIVE forever on an idle socket (to be killed)
- *     errors:       first make two failing calls (non-socket fd, bogus pointer)
+ *     errors:       first make two calls TCP refuses (an address not page-aligned, a
+ *                   listening socket)
  *
  * After the transfer it prints one JSON line of totals, then obeys stdin commands, each
- * answered with a JSON line: "dontneed_half", "munmap", "exit".
+ * answered with a JSON line: "mremap" (move the window elsewhere), "dontneed_half",
+ * "munmap", "exit".
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -41,9 +48,11 @@
 #define CHUNK (64 * 1024)
 #define MSS 28672	/* 7 pages; TCP_MAXSEG allows at most 32767 */
 #define COPYBUF (16 * 1024)
+#define ODD_CHUNK 50000	/* tcpmmap mode: not a whole number of pages */
 
 static long page;
 static size_t total_bytes;
+static size_t send_chunk = CHUNK;
 
 struct tx_totals {
 	unsigned long calls, bytes, notifications, completed, copied;
@@ -105,7 +114,7 @@ static void *sender(void *arg)
 	if (setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof(one)))
 		die("SO_ZEROCOPY");
 	while (left) {
-		size_t n = left < CHUNK ? left : CHUNK;
+		size_t n = left < send_chunk ? left : send_chunk;
 		ssize_t sent = send(fd, buf, n, MSG_ZEROCOPY);
 
 		if (sent < 0) {
@@ -153,7 +162,7 @@ static int zc_call(int fd, struct tcp_zerocopy_receive *zc, char *addr, size_t l
 	zc->address = (uintptr_t)addr;
 	zc->length = len;
 	zc->copybuf_address = (uintptr_t)copybuf;
-	zc->copybuf_len = COPYBUF;
+	zc->copybuf_len = copybuf ? COPYBUF : 0;
 	rx.calls++;
 	if (getsockopt(fd, IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE, zc, &zl)) {
 		rx.errors++;
@@ -166,7 +175,8 @@ static void receive(int fd, const char *mode)
 {
 	static char copybuf[COPYBUF], plain[CHUNK];
 	struct tcp_zerocopy_receive zc;
-	int hold = !strcmp(mode, "hold"), discard = !strcmp(mode, "discard");
+	int hold = !strcmp(mode, "hold"), tcpmmap = !strcmp(mode, "tcpmmap");
+	int discard = !strcmp(mode, "discard") || tcpmmap;
 	size_t off = 0, got = 0;
 	volatile char sink;
 
@@ -178,7 +188,8 @@ static void receive(int fd, const char *mode)
 			die("poll: receiver stalled");
 		if (!hold)
 			off = 0, len = window_len;
-		if (zc_call(fd, &zc, window + off, len, copybuf))
+		/* tcp_mmap passes no copybuf: what cannot be mapped is left to read() */
+		if (zc_call(fd, &zc, window + off, len, tcpmmap ? NULL : copybuf))
 			die("TCP_ZEROCOPY_RECEIVE");
 		if (zc.length) {
 			/* The kernel zapped then mapped [off, off+length). */
@@ -197,7 +208,16 @@ static void receive(int fd, const char *mode)
 		rx.copied += zc.copybuf_len > 0 ? zc.copybuf_len : 0;
 		rx.skip_hint += zc.recv_skip_hint;
 		got += zc.length + (zc.copybuf_len > 0 ? zc.copybuf_len : 0);
-		if (!zc.length && zc.copybuf_len <= 0 && zc.recv_skip_hint) {
+		if (tcpmmap && zc.recv_skip_hint) {
+			/* tcp_mmap: read(fd, buffer, zc.recv_skip_hint) after every call */
+			size_t want = zc.recv_skip_hint < CHUNK ? zc.recv_skip_hint : CHUNK;
+			ssize_t n = read(fd, plain, want);
+
+			if (n <= 0)
+				die("read");
+			rx.recv_bytes += n;
+			got += n;
+		} else if (!zc.length && zc.copybuf_len <= 0 && zc.recv_skip_hint) {
 			size_t want = zc.recv_skip_hint < CHUNK ? zc.recv_skip_hint : CHUNK;
 			ssize_t n = recv(fd, plain, want, 0);
 
@@ -222,22 +242,16 @@ static void spin(int fd)
 		zc_call(fd, &zc, window, window_len, copybuf);
 }
 
-static void bad_calls(int sock)
+/* Two calls TCP_ZEROCOPY_RECEIVE refuses in TCP itself (so every hook family sees them). */
+static void bad_calls(int sock, int listener)
 {
-	struct tcp_zerocopy_receive zc = { 0 };
-	socklen_t zl = sizeof(zc);
-	int p[2];
+	static char copybuf[COPYBUF];
+	struct tcp_zerocopy_receive zc;
 
-	if (pipe(p))
-		die("pipe");
-	rx.calls++;
-	if (getsockopt(p[0], IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE, &zc, &zl))
-		rx.errors++;
-	rx.calls++;
-	if (getsockopt(sock, IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE, (void *)16, &zl))
-		rx.errors++;
-	close(p[0]);
-	close(p[1]);
+	if (!zc_call(sock, &zc, window + 1, window_len - page, copybuf) || errno != EINVAL)
+		die("unaligned TCP_ZEROCOPY_RECEIVE did not fail with EINVAL");
+	if (!zc_call(listener, &zc, window, window_len, copybuf) || errno != ENOTCONN)
+		die("TCP_ZEROCOPY_RECEIVE on a listener did not fail with ENOTCONN");
 }
 
 static void report(const char *event)
@@ -246,10 +260,14 @@ static void report(const char *event)
 	       "\"tx_zc_calls\": %lu, \"tx_zc_bytes\": %lu, \"tx_notifications\": %lu, "
 	       "\"tx_completed_sends\": %lu, \"tx_copied_sends\": %lu, \"rx_calls\": %lu, "
 	       "\"rx_errors\": %lu, \"rx_mapped_bytes\": %lu, \"rx_copied_bytes\": %lu, "
-	       "\"rx_skip_hint_bytes\": %lu, \"rx_recv_bytes\": %lu, \"held_bytes\": %zu}\n",
+	       "\"rx_skip_hint_bytes\": %lu, \"rx_recv_bytes\": %lu, \"held_bytes\": %zu, "
+	       "\"mmap_pct\": \"%g\"}\n",
 	       event, getpid(), (unsigned long)(uintptr_t)window, window_len, tx.calls, tx.bytes,
 	       tx.notifications, tx.completed, tx.copied, rx.calls, rx.errors, rx.mapped,
-	       rx.copied, rx.skip_hint, rx.recv_bytes, held ? held_bytes() : 0);
+	       rx.copied, rx.skip_hint, rx.recv_bytes, held ? held_bytes() : 0,
+	       /* tcp_mmap: "%g %% mmap'ed", mapped over everything received */
+	       rx.mapped + rx.copied + rx.recv_bytes ?
+	       rx.mapped * 100.0 / (rx.mapped + rx.copied + rx.recv_bytes) : 0.0);
 	fflush(stdout);
 }
 
@@ -263,11 +281,13 @@ int main(int argc, char **argv)
 	char cmd[64];
 
 	if (argc < 3)
-		return fprintf(stderr, "usage: %s BYTES hold|reuse|discard|spin [errors]\n",
+		return fprintf(stderr, "usage: %s BYTES hold|reuse|discard|tcpmmap|spin [errors]\n",
 			       argv[0]), 2;
 	page = sysconf(_SC_PAGESIZE);
 	total_bytes = strtoul(argv[1], NULL, 0);
 	mode = argv[2];
+	if (!strcmp(mode, "tcpmmap"))
+		send_chunk = ODD_CHUNK;
 	addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	lfd = socket(AF_INET, SOCK_STREAM, 0);
 	if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
@@ -290,7 +310,7 @@ int main(int argc, char **argv)
 		die("mmap of the socket");
 	held = calloc(window_len / page, 1);
 	if (argc > 3 && !strcmp(argv[3], "errors"))
-		bad_calls(sfd);
+		bad_calls(sfd, lfd);
 	if (!strcmp(mode, "spin"))
 		spin(sfd);
 	if (pthread_create(&thr, NULL, sender, &cfd))
@@ -299,7 +319,16 @@ int main(int argc, char **argv)
 	pthread_join(thr, NULL);
 	report("done");
 	while (fgets(cmd, sizeof(cmd), stdin)) {
-		if (!strncmp(cmd, "dontneed_half", 13)) {
+		if (!strncmp(cmd, "mremap", 6)) {
+			/* Moved whole to a fresh address: the mapped pages go with it. */
+			char *to = mmap(NULL, window_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+			if (to == MAP_FAILED)
+				die("mmap");
+			window = mremap(window, window_len, window_len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+			if (window == MAP_FAILED)
+				die("mremap");
+		} else if (!strncmp(cmd, "dontneed_half", 13)) {
 			size_t half = window_len / page / 2 * page;
 
 			if (madvise(window, half, MADV_DONTNEED))
@@ -312,7 +341,8 @@ int main(int argc, char **argv)
 		} else if (!strncmp(cmd, "exit", 4)) {
 			break;
 		}
-		report(cmd[0] == 'd' ? "dontneed_half" : "munmap");
+		cmd[strcspn(cmd, "\n")] = 0;
+		report(cmd);
 	}
 	return 0;
 }
