@@ -215,6 +215,7 @@ def test_run_demo_cleans_up_on_signal(signum: signal.Signals) -> None:
     assert _leftovers(child.pid) == [], stderr
 
 
+@pytest.mark.userspace
 @pytest.mark.veth_page_pool
 @pytest.mark.live
 def test_make_run_shows_a_short_pool_table_then_where_the_json_went(

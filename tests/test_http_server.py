@@ -171,6 +171,7 @@ def many_files() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.userspace
 @pytest.mark.live
 def test_2000_idle_connections_cost_no_threads(many_files) -> None:
     served = Served("--interval", "1")
@@ -199,6 +200,7 @@ def test_2000_idle_connections_cost_no_threads(many_files) -> None:
         served.close()
 
 
+@pytest.mark.userspace
 @pytest.mark.live
 def test_a_wrong_password_flood_stays_under_one_core(tmp_path: Path) -> None:
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)).decode()

@@ -442,6 +442,7 @@ def test_prometheus_scrapes_the_pool_series(traced, tmp_path: Path) -> None:
         prom.close()
 
 
+@pytest.mark.userspace
 @pytest.mark.live
 def test_200_concurrent_scrapes_while_tracing(traced) -> None:
     served, _topo, _held = traced
@@ -549,6 +550,7 @@ def tls_dir() -> Iterator[Path]:
         yield path
 
 
+@pytest.mark.userspace
 @pytest.mark.live
 def test_tls_and_basic_auth(tls_dir: Path, tmp_path: Path) -> None:
     ctx = ssl.create_default_context(cafile=str(tls_dir / "cert.pem"))

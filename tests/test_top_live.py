@@ -249,6 +249,7 @@ def _visible(screen: list[str], name: str) -> bool:
     return any(f"  {name}  " in line for line in _pool_rows(screen))
 
 
+@pytest.mark.userspace
 def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:
     term = tmux_top
     term.wait("the first frame", lambda screen: screen[0].startswith(top.FRAME_START))
