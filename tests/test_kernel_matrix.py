@@ -69,3 +69,18 @@ def test_junit_counts(tmp_path: Path) -> None:
                    '<failure message="x"/></testcase><testcase name="c"><skipped '
                    'type="pytest.xfail"/></testcase></testsuite></testsuites>')
     assert matrix.junit_counts(xml) == {"passed": 1, "failed": 1, "xfailed": 1}
+
+
+def test_the_readme_table_is_every_kernels_last_run(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+    import json
+
+    monkeypatch.setattr(matrix, "RESULTS", tmp_path)
+    for name in ("7.3", "6.1"):
+        row = matrix.Row(name, release=f"{name}.0", booted=True, commit="abc1234")
+        row.tests["passed"] = 5
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "row.json").write_text(json.dumps(dataclasses.asdict(row)))
+    rows = matrix.saved_rows()
+    assert [r.kernel for r in rows] == ["6.1", "7.3"] and rows[0].tests == {"passed": 5}
+    assert "| abc1234 |" in matrix.table(rows)

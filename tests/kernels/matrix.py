@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -58,6 +59,7 @@ class Row:
     tests: Counter = field(default_factory=Counter)
     minutes: float = 0.0
     note: str = ""
+    commit: str = ""
 
     @property
     def ok(self) -> bool:
@@ -140,14 +142,28 @@ def run_one(name: str, marker: str, pytest_args: str, timeout_s: float) -> Row:
     if row.booted and rc and not row.tests["failed"] and not row.tests["error"]:
         row.note = row.note or f"pytest exit {rc}"
         row.tests["error"] += 1
+    row.commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True).stdout.strip()
+    (out / "row.json").write_text(json.dumps(dataclasses.asdict(row)))
     return row
+
+
+def saved_rows() -> list[Row]:
+    """Every kernel's last row (build/kernels/*/row.json), in matrix order."""
+    order = [*fetch.SUITES, "host"]
+    rows = []
+    for path in RESULTS.glob("*/row.json"):
+        d = json.loads(path.read_text())
+        d.update(by_mech=Counter(d["by_mech"]), tests=Counter(d["tests"]))
+        rows.append(Row(**d))
+    return sorted(rows, key=lambda r: order.index(r.kernel) if r.kernel in order else 99)
 
 
 def table(rows: list[Row]) -> str:
     lines = [
         "| kernel | release | objects loaded | hooks attached, by mechanism | not in this kernel"
-        " | off by choice | failed hooks | live tests |",
-        "|---|---|---|---|---|---|---|---|",
+        " | off by choice | failed hooks | live tests | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         loaded = [o for o in OBJECTS if o in r.objects and not r.objects[o]]
@@ -161,7 +177,7 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {kernel} | {r.release} | {objects} | {mechs} | {len(r.absent)} | "
             f"{len(r.off)} | {len(r.failed) or '-'} | {tests}"
-            f"{'; ' + r.note if r.note else ''} |")
+            f"{'; ' + r.note if r.note else ''} | {r.commit} |")
     return "\n".join(lines)
 
 
@@ -191,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2400, metavar="S",
                    help="per kernel, boot to exit (%(default)s)")
     p.add_argument("--update-readme", action="store_true",
-                   help="write the table into README.md's kernel-matrix section")
+                   help="write into README.md's kernel-matrix section the table of every "
+                        "kernel's last run (build/kernels/*/row.json), this run's included")
     p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = p.parse_args(argv)
     kernels = re.split(r"[\s,]+", args.kernels.strip())
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "matrix.md").write_text(text + "\n")
     print(text)
     if args.update_readme:
-        update_readme(text)
+        update_readme(table(saved_rows()))
     return 0 if all(r.ok for r in rows) else 1
 
 
