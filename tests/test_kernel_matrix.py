@@ -72,15 +72,12 @@ def test_junit_counts(tmp_path: Path) -> None:
 
 
 def test_the_readme_table_is_every_kernels_last_run(tmp_path: Path, monkeypatch) -> None:
-    import dataclasses
-    import json
-
     monkeypatch.setattr(matrix, "RESULTS", tmp_path)
     for name in ("7.3", "6.1"):
         row = matrix.Row(name, release=f"{name}.0", booted=True, commit="abc1234")
         row.tests["passed"] = 5
         (tmp_path / name).mkdir()
-        (tmp_path / name / "row.json").write_text(json.dumps(dataclasses.asdict(row)))
+        (tmp_path / name / "row.json").write_text(row.to_json())
     rows = matrix.saved_rows()
     assert [r.kernel for r in rows] == ["6.1", "7.3"] and rows[0].tests == {"passed": 5}
     assert "| abc1234 |" in matrix.table(rows)

@@ -61,6 +61,10 @@ class Row:
     note: str = ""
     commit: str = ""
 
+    def to_json(self) -> str:
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs, counting them.
+        return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
     @property
     def ok(self) -> bool:
         return (self.booted and all(not why for why in self.objects.values())
@@ -144,7 +148,7 @@ def run_one(name: str, marker: str, pytest_args: str, timeout_s: float) -> Row:
         row.tests["error"] += 1
     row.commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True).stdout.strip()
-    (out / "row.json").write_text(json.dumps(dataclasses.asdict(row)))
+    (out / "row.json").write_text(row.to_json())
     return row
 
 
