@@ -137,6 +137,19 @@ def run_one(name: str, marker: str, pytest_args: str, timeout_s: float) -> Row:
             print(f"--- {name}: console (last 60 lines) ---", file=sys.stderr)
             print("\n".join(result.console.splitlines()[-60:]), file=sys.stderr)
     row.minutes = (time.monotonic() - start) / 60
+    return finish_row(row, out, rc)
+
+
+def _release(kernel: str) -> str:
+    return os.uname().release if kernel == "host" else fetch.fetch(kernel).release
+
+
+def _accel(kernel: str) -> str:
+    return "host" if kernel == "host" else "kvm" if guest.kvm_usable() is None else "tcg"
+
+
+def finish_row(row: Row, out: Path, rc: int | None) -> Row:
+    """The row's figures from what the run left in `out`, saved beside them."""
     try:
         classify(row, json.loads((out / "dump.json").read_text())["probes"])
     except (OSError, ValueError, KeyError) as exc:
@@ -213,12 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-readme", action="store_true",
                    help="write into README.md's kernel-matrix section the table of every "
                         "kernel's last run (build/kernels/*/row.json), this run's included")
+    p.add_argument("--collect", action="store_true",
+                   help="boot nothing: rebuild the rows of --kernels from the results their "
+                        "last run left in build/kernels/")
     p.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = p.parse_args(argv)
     kernels = re.split(r"[\s,]+", args.kernels.strip())
     for k in kernels:
         if k != "host" and k not in fetch.SUITES:
             p.error(f"unknown kernel {k!r}: choose from {' '.join(fetch.SUITES)} host")
+    if args.collect:
+        rows = [finish_row(Row(k, release=_release(k), accel=_accel(k),
+                               booted=(RESULTS / k / "junit.xml").exists()), RESULTS / k, None)
+                for k in kernels]
+        print(table(rows))
+        if args.update_readme:
+            update_readme(table(saved_rows()))
+        return 0 if all(r.ok for r in rows) else 1
     for k in kernels:  # fetched one at a time (one private apt), before any boots
         if k != "host":
             fetch.fetch(k, log=lambda msg: print(msg, file=sys.stderr))
