@@ -36,4 +36,29 @@ static __always_inline __u64 task_memcg_id(void)
 	return BPF_CORE_READ(css, cgroup, kn, id);
 }
 
+/*
+ * virt_to_page()'s constant on x86-64: the struct page of virtual address 0 were the
+ * direct map's linear formula to hold there, vmemmap_base - (page_offset_base >> 12) *
+ * sizeof(struct page), from the kernel's own variables at the addresses userspace found
+ * in /proc/kallsyms (data symbols need CONFIG_KALLSYMS_ALL, which Debian's kernels have).
+ * Read through addresses rather than __ksym externs: libbpf would parse /proc/kallsyms on
+ * every load attempt, and the loader makes several. 0 where unknown.
+ */
+static __always_inline __u64 direct_map_page_base(__u64 pob_addr, __u64 vmb_addr)
+{
+#if defined(__TARGET_ARCH_x86)
+	__u64 pob = 0, vmb = 0;
+
+	if (!pob_addr || !vmb_addr)
+		return 0;
+	bpf_probe_read_kernel(&pob, sizeof(pob), (void *)pob_addr);
+	bpf_probe_read_kernel(&vmb, sizeof(vmb), (void *)vmb_addr);
+	if (!pob || !vmb)
+		return 0;
+	return vmb - (pob >> 12) * bpf_core_type_size(struct page);
+#else
+	return 0;
+#endif
+}
+
 #endif /* __NETMEMTRACE_COMMON_BPF_H */

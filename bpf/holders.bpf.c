@@ -22,6 +22,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "netmemtrace.h"
+#include "common.bpf.h"
 #include "compat.bpf.h"
 
 #define MAX_ZOMBIE_POOLS 256
@@ -170,9 +171,10 @@ static __always_inline __u64 page_base_of(__u64 page, __u64 addr, __u32 page_shi
  * virt_to_page() of a direct-map address, then compound_head() (page_pool pages of
  * order > 0 are compound).
  */
-static __always_inline __u64 head_netmem(const struct holders_config *cfg, __u64 addr)
+static __always_inline __u64 head_netmem(__u64 page_base, const struct holders_config *cfg,
+					 __u64 addr)
 {
-	return page_compound_head(cfg->page_base +
+	return page_compound_head(page_base +
 				  (addr >> cfg->page_shift) * bpf_core_type_size(struct page));
 }
 
@@ -195,7 +197,7 @@ __noinline int scan_skb_data(__u64 skb_addr, __u64 owner, __u32 where)
 	struct sk_buff *skb = (void *)skb_addr;
 	struct skb_shared_info *shinfo;
 	struct holders_config *cfg = get_config();
-	__u64 head, frags, netmem, stride;
+	__u64 head, frags, netmem, stride, page_base;
 	__u32 nr, i, refs = 0;
 
 	/* Only pp_recycle skbs hold page_pool references (skb_pp_recycle() in the kernel). */
@@ -203,8 +205,10 @@ __noinline int scan_skb_data(__u64 skb_addr, __u64 owner, __u32 where)
 		return 0;
 	head = (__u64)BPF_CORE_READ(skb, head);
 	if (BPF_CORE_READ_BITFIELD_PROBED(skb, head_frag)) {
-		if (cfg->page_base) {
-			refs += emit_ref(owner, head_netmem(cfg, head), where);
+		page_base = cfg->page_base ?: direct_map_page_base(cfg->page_offset_base_addr,
+								   cfg->vmemmap_base_addr);
+		if (page_base) {
+			refs += emit_ref(owner, head_netmem(page_base, cfg, head), where);
 			stat_add(frags, 1);
 		} else {
 			stat_add(heads_unresolved, 1);

@@ -348,27 +348,17 @@ static __noinline void on_zcrx_refill(__u64 pool, __u64 netmem)
 
 static __always_inline __u64 head_page(struct sk_buff *skb)
 {
-	__u64 pob = 0, vmb = 0, va, page;
+	__u64 base, va;
 
-#if defined(__TARGET_ARCH_x86)
-	/*
-	 * Read through addresses userspace looked up rather than __ksym externs: libbpf would
-	 * parse /proc/kallsyms on every load attempt, and the loader makes several.
-	 */
-	if (!netmem_config.page_offset_base_addr || !netmem_config.vmemmap_base_addr ||
-	    !BPF_CORE_READ_BITFIELD_PROBED(skb, head_frag))
+	if (!BPF_CORE_READ_BITFIELD_PROBED(skb, head_frag))
 		return 0;
-	bpf_probe_read_kernel(&pob, sizeof(pob), (void *)netmem_config.page_offset_base_addr);
-	bpf_probe_read_kernel(&vmb, sizeof(vmb), (void *)netmem_config.vmemmap_base_addr);
+	base = direct_map_page_base(netmem_config.page_offset_base_addr,
+				    netmem_config.vmemmap_base_addr);
 	va = (__u64)BPF_CORE_READ(skb, head);
-	if (!pob || !vmb || va < pob)
+	if (!base)
 		return 0;
-	page = vmb + ((va - pob) >> 12) * bpf_core_type_size(struct page);
 	/* A page of a higher-order pool: the pool owns the compound head. */
-	return page_compound_head(page);
-#else
-	return 0;
-#endif
+	return page_compound_head(base + (va >> 12) * bpf_core_type_size(struct page));
 }
 
 static long stack_frag(__u64 i, struct frag_walk *w)

@@ -451,6 +451,10 @@ struct holders_config {
 	__u32 nr_nodes;			/* possible NUMA nodes */
 	__u32 self_tgid;		/* task_file iterator: the process and fd of the sysctl file */
 	__u32 sysctl_fd;
+	/* page_base's other source where no kmem_cache iterator calibrates it (before 6.13):
+	 * the addresses of page_offset_base and vmemmap_base (kallsyms); 0 unknown */
+	__u64 page_offset_base_addr;
+	__u64 vmemmap_base_addr;
 };
 
 /* Counters of one scan, zeroed by userspace before it and read after (ARRAY of one). */

@@ -46,6 +46,7 @@ from .. import abi, libbpf, netns_broker
 from ..netns_broker import entered_netns  # noqa: F401 (tests enter the demo's netns)
 from ..snapshot import Holder, PoolSnapshot, Unavailable
 from . import cgroups, resolve
+from .netmem import head_page_symbols
 from .zerocopy import comm_of
 
 # Holders of zombies whose inflight did not move are reused for at most this long.
@@ -357,6 +358,7 @@ class HoldersCollector:
         cfg.nr_nodes = possible_nodes()
         cfg.self_tgid = os.getpid()
         cfg.sysctl_fd = sysctl_fd
+        cfg.page_offset_base_addr, cfg.vmemmap_base_addr = head_page_symbols()
         self._config.update(ctypes.c_uint32(0), bytes(cfg))
 
     def calibrate(self) -> Calibration:
@@ -384,9 +386,10 @@ class HoldersCollector:
             if cal.page_base is None:
                 cal.notes["heads"] = (f"virt_to_page not calibrated: {len(bases)} slab "
                                       "samples did not agree")
-        else:
+        elif not all(head_page_symbols()):
             cal.notes["heads"] = ("virt_to_page not calibrated: the kmem_cache iterator is "
-                                  "not in this kernel (6.13+)")
+                                  "not in this kernel (6.13+) and /proc/kallsyms has no "
+                                  "page_offset_base/vmemmap_base (CONFIG_KALLSYMS_ALL off)")
         cal.net_hotdata, why = self._locate_net_hotdata(cal)
         if why:
             cal.notes["hotdata"] = why
