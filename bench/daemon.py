@@ -245,7 +245,7 @@ def scrape_render() -> dict[str, object]:
         from netmemtrace.http.webconfig import WebConfig
         from netmemtrace.serve import OPENMETRICS_ACCEPT, Expositions, Health, SnapshotCache
         from netmemtrace.serve import _routes as routes
-        from netmemtrace.views.exporter import SnapshotCollector
+        from netmemtrace.views.prometheus.collector import SnapshotCollector
     except ImportError as exc:
         return {"skipped": f"netmemtrace.serve not importable: {exc}"}
 

@@ -364,10 +364,22 @@ class Snapshot:
 # ---- holders of zombie pools' pages (collect/holders.py) ----
 
 
+# Holder.kind: every kind collect/holders.py reports, and what it means.
+HOLDER_KINDS = {
+    "socket": "a socket's queues",
+    "cpu-deferred-free": "a CPU's deferred-free list, freed on that CPU's next RX "
+                         "(self-healing)",
+    "pool-ring": "the pool's own ring, freed by the pool itself (self-healing)",
+    "devmem-tokens": "devmem TCP tokens the application has not returned",
+    "io_uring-zcrx": "io_uring zcrx buffers the application has not refilled",
+    "unattributed": "the rest",
+}
+
+
 @dataclass(frozen=True)
 class Holder:
-    """Who keeps pages of a zombie pool inflight. Kinds: socket, cpu-deferred-free,
-    pool-ring, devmem-tokens, io_uring-zcrx, unattributed. Fields not of its kind are None."""
+    """Who keeps pages of a zombie pool inflight (kind: one of HOLDER_KINDS). Fields not of
+    its kind are None."""
 
     kind: str
     pages: int                    # distinct netmems of the pool it holds

@@ -1,4 +1,4 @@
-"""The Prometheus view (netmemtrace/views/exporter.py) on synthetic Snapshots.
+"""The Prometheus view (netmemtrace/views/prometheus/) on synthetic Snapshots.
 
 Each expected figure is the synthetic Snapshot's own value, read back through an independent
 parser of the exposition formats (prometheus_client's parsers, and promtool)."""
@@ -6,8 +6,10 @@ parser of the exposition formats (prometheus_client's parsers, and promtool)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,8 +18,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
+from netmemtrace.collect import holders as holders_mod
 from netmemtrace.probes import ProbeStatus
 from netmemtrace.snapshot import (
+    HOLDER_KINDS,
     DevmemSocket,
     HoldBucket,
     Holder,
@@ -34,16 +38,9 @@ from netmemtrace.snapshot import (
     Unavailable,
     ZerocopyStats,
 )
-from netmemtrace.views.exporter import (
-    MEMCG_LABELS,
-    OPENMETRICS,
-    POOL_LABELS,
-    TEXT,
-    SnapshotCollector,
-    encode,
-    probe_failures,
-    render,
-)
+from netmemtrace.views.prometheus.catalogue import MEMCG_LABELS, POOL_LABELS, probe_failures
+from netmemtrace.views.prometheus.collector import SnapshotCollector
+from netmemtrace.views.prometheus.encode import OPENMETRICS, TEXT, encode, render
 
 WEIRD_NETDEV = 'e"th\\0\nü→名'  # quote, backslash, newline, UTF-8: all must round-trip
 
@@ -632,17 +629,57 @@ def test_fast_encoder_writes_what_prometheus_client_writes(fmt: str) -> None:
     snap = dataclasses.replace(full_snapshot(), pools=(
         *full_snapshot().pools, pool(pool_id=3, netdev=WEIRD_NETDEV, netns='n"s\\')))
     reg = registry(snap)
-    families = list(reg.collect())
+    families = SnapshotCollector(lambda: snap).families()
     expected = generate_openmetrics(reg) if fmt == OPENMETRICS else generate_latest(reg)
     assert encode(families, fmt) == expected
 
 
 def test_render_picks_the_encoder_prometheus_client_would() -> None:
     reg = registry(full_snapshot())
-    families = list(reg.collect())
+    families = SnapshotCollector(full_snapshot).families()
     for accept in ("", "application/openmetrics-text; version=1.0.0",
                    "application/openmetrics-text",
                    "text/plain; version=1.0.0; escaping=allow-utf-8",
                    "application/openmetrics-text; version=1.0.0; escaping=dots"):
         encoder, content_type = choose_encoder(accept)
         assert render(families, content_type, encoder) == encoder(reg), accept
+
+
+# ---- the catalogue: one spec per family, a golden file of every name, type and HELP --------
+
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
+
+
+def test_every_family_is_in_the_golden_file_with_its_type_and_help() -> None:
+    # What a scrape shows (prometheus_client's own view of the families), not the catalogue.
+    shown = "".join(f"{m.name} {m.type} {m.documentation}\n"
+                    for m in registry(full_snapshot()).collect())
+    assert shown == GOLDEN.read_text(), (
+        "metric families changed: regenerate tests/golden/metrics.txt with "
+        "`python -m netmemtrace.views.prometheus.catalogue` and review the diff")
+
+
+def test_no_series_is_written_twice() -> None:
+    # Pools without netlink stats (every series of a family unavailable for one reason) and
+    # a netmem state missing for one type: each figure is explained once per object.
+    snap = dataclasses.replace(full_snapshot(), pools=(
+        *full_snapshot().pools, pool(pool_id=11), pool(pool_id=12, kernel=Unavailable("x"))))
+    for openmetrics in (False, True):
+        reg = registry(snap)
+        text = (generate_openmetrics(reg) if openmetrics else generate_latest(reg)).decode()
+        seen = [(s.name, tuple(sorted(s.labels.items())))
+                for fam in (parse_om(text) if openmetrics else parse_text(text))
+                for s in fam.samples]
+        assert len(seen) == len(set(seen)), [s for s in seen if seen.count(s) > 1][:3]
+
+
+def test_holder_kinds_in_help_are_the_kinds_the_holders_collector_reports() -> None:
+    source = (Path(holders_mod.__file__)).read_text()
+    produced = set(re.findall(r'kind="([a-z_-]+)"', source)) | set(
+        holders_mod.PROVIDER_KINDS.values())
+    assert produced == set(HOLDER_KINDS)
+    help_text = next(line for line in GOLDEN.read_text().splitlines()
+                     if line.startswith("netmemtrace_page_pool_zombie_inflight_pages "))
+    documented = set(re.findall(r"([a-z_-]+) = ", help_text))
+    assert documented == produced
