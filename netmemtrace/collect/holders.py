@@ -305,7 +305,9 @@ class HoldersCollector:
                           dict[int, tuple[Holder, ...]]] | None = None
         self._memcgs = cgroups.CgroupResolver.for_memory()
         self.last_scan: ScanReport | None = None
-        self.refs_lost_total = 0  # over every scan: exported as a counter
+        # Every counter of holders_scan_stats summed over the scans since attach.
+        self.totals = collections.Counter(
+            dict.fromkeys(abi.fields(self._t["holders_scan_stats"]), 0))
 
     def _drain(self) -> None:
         """Take every page reference the iterators sent so far off the ring buffer."""
@@ -447,7 +449,9 @@ class HoldersCollector:
                 else:
                     pools[r.pool] = r
             self._drain()
-        stats = abi.decode(self._t["holders_scan_stats"], self._stats.lookup(ctypes.c_uint32(0)))
+        raw = self._stats.lookup(ctypes.c_uint32(0))
+        stats = abi.decode(self._t["holders_scan_stats"], raw)
+        self.totals.update(abi.counters(self._t["holders_scan_stats"], [raw]))
         readable = sum(1 for c in cpus.values() if c.readable)
         report = ScanReport(
             zombie_pools=len(zombie_addrs), netns_visited=visited,
@@ -464,7 +468,6 @@ class HoldersCollector:
                                         r.defer_warn_in_ms * 1_000_000, r.ring_refs)
                    for addr, r in pools.items()})
         self.last_scan = report
-        self.refs_lost_total += stats.refs_lost
         return _Scan(self._refs, socks, cpus, report)
 
     def _defer_lists_text(self, cal: Calibration, readable: int) -> str:

@@ -60,9 +60,7 @@ class MemcgReader:
     def __init__(self, obj: libbpf.Object) -> None:
         btf = abi.btf("memcg")
         self._sock_t = btf.struct("memcg_sock")
-        self._stats_t = btf.struct("memcg_stats")
         self._sock = obj.map("memcg_sock")
-        self._stats = obj.map("memcg_stats")
 
     def read(self, source: str | None) -> dict[int, SockEvents]:
         prefix = "tp" if source == TRACEPOINT_SOURCE else "fn"
@@ -73,12 +71,6 @@ class MemcgReader:
                 sum(getattr(v, f"{prefix}_charged_pages") for v in vals),
                 sum(getattr(v, f"{prefix}_uncharged_pages") for v in vals))
         return out
-
-    def stats(self) -> dict[str, int]:
-        per_cpu = self._stats.items()[0][1]
-        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
 
 CrossCheck = Callable[[int, int], tuple[int | Unavailable, int | Unavailable]]
@@ -198,15 +190,13 @@ class MemcgCollector:
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
                               self._rows.per_memcg)
-        zs, ms, led = self.zerocopy.stats(), self.memcg.stats(), self.zerocopy.ledger
+        led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)
         return memcgs, MemcgSelfStats(
-            ringbuf_lost_events=zs["ringbuf_full"], ledger_ranges=led.nranges,
+            ledger_ranges=led.nranges,
             ledger_overflow_ranges=led.overflow_ranges, ledger_overflow_bytes=led.overflow_bytes,
             tx_tracker_overflow_sends=self.zerocopy.tx.overflow_sends,
-            pending_full=zs["pending_full"], proc_map_full=zs["proc_map_full"],
-            memcg_map_full=ms["memcg_map_full"], memcg_unresolved=ms["memcg_unresolved"],
             smaps_mismatch_pids=mismatched,
             exited_process_rows=sum(p.exit_ns is not None for p in procs),
             exited_rows_expired=self.zerocopy.gone_expired,

@@ -299,12 +299,11 @@ class NetmemReader:
         self._entry_t = btf.struct("netmem_entry")
         self._counters_t = btf.struct("netmem_pool_counters")
         self._socket_t = btf.struct("devmem_socket")
-        self._stats_t = btf.struct("netmem_stats")
         self._config_t = btf.struct("netmem_config")
         self._netmems = lo.obj.map("netmems")
         self._pools = lo.obj.map("netmem_pools")
         self._sockets = lo.obj.map("devmem_sockets")
-        self._stats = lo.obj.map("netmem_stats")
+        self._stats = abi.Stats(OBJECT, lo.obj.map("netmem_stats"))
         self._config = lo.obj.map(CONFIG_MAP)
         self._states = {v: k for k, v in enum_values("netmem_state", "NETMEM_ST_").items()}
         self._types = {v: k for k, v in enum_values("netmem_type", "NETMEM_TYPE_").items()}
@@ -368,11 +367,6 @@ class NetmemReader:
                 hold_sum_ns=sum(c.hold_sum_ns for c in cs))
         return out
 
-    def stats(self) -> dict[str, int]:
-        decoded = [abi.decode(self._stats_t, v) for v in self._stats.items()[0][1]]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
-
     def read(self, now_ns: int, pools: list[PoolSnapshot]
              ) -> tuple[list[PoolSnapshot], tuple[DevmemSocket, ...], NetmemSummary]:
         """Pools with their states and hold histograms, devmem sockets, and the summary."""
@@ -394,7 +388,7 @@ class NetmemReader:
             Unavailable(app_missing) if app_missing else
             holders(apps, factor, now_ns, {t.tgid: comm_of(t.tgid) for t in apps},
                     {t.memcg_id: self._memcg_path(t.memcg_id) for t in apps}))
-        st = self.stats()
+        st = self._stats.read()
         handed_missing = missing_hooks(["io_zcrx_queue_cqe"], status)
         refill_missing = missing_hooks(["io_pp_zc_alloc_netmems"], status)
         summary = NetmemSummary(
@@ -408,10 +402,6 @@ class NetmemReader:
             zcrx_buffers_handed=Unavailable(handed_missing) if handed_missing
             else st["zcrx_buffers"],
             zcrx_refills=Unavailable(refill_missing) if refill_missing else st["zcrx_refills"],
-            tracked_map_full_total=st["netmem_map_full"],
-            pool_map_full_total=st["pool_map_full"],
-            socket_map_full_total=st["socket_map_full"],
-            call_map_full_total=st["call_map_full"],
         )
         return out_pools, sockets, summary
 

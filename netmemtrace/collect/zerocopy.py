@@ -184,9 +184,7 @@ class ZerocopyReader:
         self._key_t = btf.struct("zc_key")
         self._counters_t = btf.struct("zc_counters")
         self._event_t = btf.struct("zc_event")
-        self._stats_t = btf.struct("zc_stats")
         self._counters = obj.map("zc_counters")
-        self._stats = obj.map("zc_stats")
         self.ledger = Ledger(max_ranges)
         self.tx = TxTracker()
         self.exited: dict[int, dict[str, int]] = {}  # memcg id -> counters of exited procs
@@ -286,12 +284,6 @@ class ZerocopyReader:
                 break
             del self.gone[key]
             self.gone_expired += 1
-
-    def stats(self) -> dict[str, int]:
-        per_cpu = self._stats.items()[0][1]
-        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
     def read(self, now_ns: int | None = None
              ) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:

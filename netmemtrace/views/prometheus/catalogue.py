@@ -24,6 +24,7 @@ from ... import __version__
 from ...probes import MECHANISMS, ProbeStatus
 from ...snapshot import (
     HOLDER_KINDS,
+    CollectorRun,
     DeviceSummary,
     DevmemSocket,
     MemcgSelfStats,
@@ -33,6 +34,7 @@ from ...snapshot import (
     Recycling,
     Snapshot,
     Unavailable,
+    lost_events,
 )
 from .encode import Histogram
 
@@ -274,8 +276,7 @@ def probe_failures(status: ProbeStatus) -> list[tuple[str, str]]:
 
 def _collector_errors(v: View) -> Iterator[Row]:
     for err in v.snap.errors:
-        collector, _, text = err.partition(": ")
-        yield (), (collector, text), 1
+        yield (), (err.collector, err.message), 1
 
 
 def _probe_attached(v: View) -> Iterator[Row]:
@@ -405,27 +406,18 @@ def _devmem_outstanding(v: View) -> Iterator[Row]:
         yield labels, (), combine((s.tokens_outstanding for s in socks), sum, partial)
 
 
-def _map_full_drops(v: View) -> Iterator[Row]:
-    st, ms, nm = v.snap.self_stats, v.snap.memcg_self_stats, v.snap.netmem
-    yield (), ("pools",), st.pool_map_full_total
-    yield (), ("retired_pools",), st.retired_map_full_total
-    if not isinstance(nm, Unavailable):
-        yield (), ("netmem",), nm.tracked_map_full_total
-        yield (), ("netmem_pools",), nm.pool_map_full_total
-        yield (), ("devmem_sockets",), nm.socket_map_full_total
-        yield (), ("netmem_calls",), nm.call_map_full_total
-    if ms is not None:
-        yield (), ("zerocopy_procs",), ms.proc_map_full
-        yield (), ("zerocopy_pending",), ms.pending_full
-        yield (), ("memcg",), ms.memcg_map_full
-
-
 def _events_lost(v: View) -> Iterator[Row]:
-    ms, holders_lost = v.snap.memcg_self_stats, v.snap.self_stats.holders_refs_lost_total
-    if ms is not None:
-        yield (), ("zerocopy",), ms.ringbuf_lost_events
-    if holders_lost is not None:
-        yield (), ("holders",), holders_lost
+    for obj, counter, n in lost_events(v.snap.stats):
+        yield (), (obj, counter), n
+
+
+def _stat(obj: str, counter: str) -> Callable[[Snapshot], Figure]:
+    """One counter of Snapshot.stats; no series when its object did not report."""
+    return lambda s: s.stats.get(obj, {}).get(counter)
+
+
+def _collectors(get: Callable[[CollectorRun], Figure]) -> Callable[[View], Iterable[Row]]:
+    return lambda v: [((), (c.collector,), get(c)) for c in v.snap.collectors]
 
 
 def _prog_stats(values: Callable[[Snapshot], dict[str, int] | Unavailable], scale: float
@@ -499,6 +491,13 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("netmemtrace_collector_error", "info",
          "A collector that failed in the exported snapshot, with its error; its figures are "
          "missing from this scrape.", "host", ("collector", "error"), _collector_errors),
+    Spec("netmemtrace_scrape_collector_success", "gauge",
+         "1 if the collector read its part of the exported snapshot, 0 if it failed (see "
+         "netmemtrace_collector_error_info), as node_exporter's node_scrape_collector_success.",
+         "host", ("collector",), _collectors(lambda c: int(c.success))),
+    Spec("netmemtrace_scrape_collector_duration_seconds", "gauge",
+         "Time the collector took to read its part of the exported snapshot.", "host",
+         ("collector",), _collectors(lambda c: c.duration_ns / NS_PER_S)),
     Spec("netmemtrace_probe_attached", "gauge",
          "1 if the hook is attached with the given mechanism, 0 if no mechanism could attach "
          "(see netmemtrace_probe_failure_info).", "host", ("object", "hook", "mechanism"),
@@ -711,8 +710,8 @@ CATALOGUE: tuple[Spec, ...] = (
                   "Netmem tracked now (entries of the tracking map, not scaled).",
                   lambda s: s.tracked_netmem),
     _netmem_count("netmemtrace_netmem_tracked_capacity", "gauge",
-                  "Size of the netmem tracking map; misses count in "
-                  "netmemtrace_map_full_drops_total{map=\"netmem\"}.",
+                  "Size of the netmem tracking map; misses count in netmemtrace_events_lost_total"
+                  "{object=\"netmem\",counter=\"netmem_map_full\"}.",
                   lambda s: s.tracked_capacity),
     _netmem_count("netmemtrace_devmem_recvmsg_calls", "counter",
                   "recvmsg(MSG_SOCK_DEVMEM) calls, every socket.",
@@ -747,17 +746,13 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("netmemtrace_snapshot_build_seconds", "gauge",
          "Time the exported snapshot took to read every BPF map and resolve names.", "host",
          (), host(lambda s: s.self_stats.snapshot_build_ns / NS_PER_S)),
-    Spec("netmemtrace_map_full_drops", "counter",
-         "Objects not tracked because a BPF map was full (pools: new page_pools; "
-         "retired_pools: destroyed pools whose final figures were lost; netmem, netmem_pools, "
-         "devmem_sockets, netmem_calls: netmem ownership tracking; zerocopy_procs, "
-         "zerocopy_pending, memcg: memcg / zerocopy accounting).", "host", ("map",),
-         _map_full_drops),
     Spec("netmemtrace_events_lost", "counter",
-         "Events a BPF ring buffer had no room for (object=zerocopy: mapping ledger events, "
-         "the unaccounted zerocopy figures undercount; object=holders: zombie page "
-         "references, their pages are reported unattributed).", "host", ("object",),
-         _events_lost),
+         "Events netmemtrace dropped since attach, by BPF object and counter (a *_map_full "
+         "counter: a BPF map was full, the object was not tracked; ringbuf_full / refs_lost: "
+         "a ring buffer had no room; *_truncated: an event cut short; malformed_events_lost: "
+         "events the reader could not decode). The figures they feed undercount; every "
+         "counter of an object's *_stats struct ending in _full, _lost or _truncated has a "
+         "series.", "host", ("object", "counter"), _events_lost),
     _memcg_self("netmemtrace_zerocopy_ledger_ranges", "gauge",
                 "Mapped page ranges in the zerocopy ledger now.", lambda s: s.ledger_ranges),
     _memcg_self("netmemtrace_zerocopy_ledger_overflow_ranges", "counter",
@@ -769,9 +764,9 @@ CATALOGUE: tuple[Spec, ...] = (
     _memcg_self("netmemtrace_zerocopy_tx_tracker_overflow_sends", "counter",
                 "MSG_ZEROCOPY sends the completion tracker had no room for.",
                 lambda s: s.tx_tracker_overflow_sends),
-    _memcg_self("netmemtrace_memcg_unresolved_events", "counter",
-                "Socket memory events without a readable memory cgroup id.",
-                lambda s: s.memcg_unresolved),
+    Spec("netmemtrace_memcg_unresolved_events", "counter",
+         "Socket memory events without a readable memory cgroup id.", "host", (),
+         host(_stat("memcg", "memcg_unresolved"))),
     _memcg_self("netmemtrace_zerocopy_smaps_mismatch_processes", "gauge",
                 "Processes whose ledger figure disagrees with the Rss of their socket: "
                 "mappings in /proc/PID/smaps (cross-check; 0 when they agree).",
