@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import mmap
 import platform
 from collections import Counter
@@ -103,17 +102,6 @@ def is_sampled(netmem: int, n: int) -> bool:
     """Whether netmem.bpf.c tracks this netmem_ref at 1-in-n sampling."""
     h = (((netmem & ~1) >> 6) * HASH_MUL) & _U64
     return netmem != 0 and (h >> 32) < sample_threshold(n)
-
-
-@functools.cache
-def enum_values(enum: str, prefix: str) -> dict[str, int]:
-    """name -> value of a netmemtrace.h enum from the object's BTF, names lowercased
-    without the prefix (NETMEM_ST_APPLICATION -> "application")."""
-    types = json.loads((abi.BPF_OBJ_DIR / f"{OBJECT}.bpf.json").read_text())["types"]
-    found = next((t for t in types if t["kind"] == "ENUM" and t["name"] == enum), None)
-    if found is None:
-        raise abi.AbiError(f"enum {enum} not in the {OBJECT} object's BTF")
-    return {v["name"].removeprefix(prefix).lower(): v["val"] for v in found["values"]}
 
 
 @dataclass(frozen=True)
@@ -305,8 +293,8 @@ class NetmemReader:
         self._sockets = lo.obj.map("devmem_sockets")
         self._stats = abi.Stats(OBJECT, lo.obj.map("netmem_stats"))
         self._config = lo.obj.map(CONFIG_MAP)
-        self._states = {v: k for k, v in enum_values("netmem_state", "NETMEM_ST_").items()}
-        self._types = {v: k for k, v in enum_values("netmem_type", "NETMEM_TYPE_").items()}
+        self._states = {v: k.lower() for k, v in btf.enum("netmem_state", "NETMEM_ST_").items()}
+        self._types = {v: k.lower() for k, v in btf.enum("netmem_type", "NETMEM_TYPE_").items()}
         self._cgroups = CgroupResolver.for_memory()
         self.configure(sample_n)
 
