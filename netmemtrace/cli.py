@@ -14,7 +14,7 @@ from types import FrameType, ModuleType
 from typing import NoReturn
 
 from . import __version__, abi, demo, libbpf, options, probes
-from .collect import cgroups, memcg, zerocopy
+from .collect import cgroups, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
 from .views.text import align_columns, pool_summary, verify_table
@@ -176,7 +176,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt, _Terminate):
             time.sleep(args.duration)
         whole = session.read()
-    snap = memcg.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
+    snap = dump.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
     if output:
         with output:
             output.write(dump.render(snap) + "\n")
@@ -192,7 +192,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         # Like grep: the document is still printed, the exit status says nothing matched
         # (2 stays for errors: nothing was wrong with the trace itself).
         resolver = cgroups.CgroupResolver.for_memory()
-        print("netmemtrace: " + memcg.no_match_reason(
+        print("netmemtrace: " + dump.no_match_reason(
             whole, args.cgroup, args.pid, resolver.mount if resolver else None),
             file=sys.stderr)
         return 1

@@ -41,8 +41,8 @@ from .snapshot import (
 )
 
 _libc = ctypes.CDLL(None)
-# The only per-packet probe: ~125 ns over the empty-program floor on every received skb
-# (bench/), which cost more throughput than every other probe together. Opt-in.
+# The only per-packet probe, on every received skb: it cost more throughput than every other
+# probe together (bench/README.md, netif_receive_skb). Opt-in.
 STACK_OFF = {"netif_receive_skb": "off by default (the per-packet probe, ~125 ns per skb), "
              "turn on with --netmem-stack"}
 
@@ -207,7 +207,7 @@ class Session:
                            for spec in OBJECT_SPECS if spec.stats and spec.name in lo}
             self.collectors = self._collectors()
             # The readers hold their ctypes layouts now: drop the parsed BTF dumps and hand
-            # libbpf's freed load-time heap back (~4 MB of RSS, bench/).
+            # libbpf's freed load-time heap back (RSS: bench/README.md).
             abi.btf.cache_clear()
             _libc.malloc_trim(0)
             if start_threads:

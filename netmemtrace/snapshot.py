@@ -108,7 +108,7 @@ class PoolSnapshot:
     kernel_release_at_release: int | None
     kernel: KernelPoolView | Unavailable
     # netmem ownership (collect/netmem.py): by state, and the application hold times
-    states: NetmemStates | Unavailable = Unavailable("netmem object not loaded")
+    netmem_states: NetmemStates | Unavailable = Unavailable("netmem object not loaded")
     netmem_hold_ns: HoldHistogram | Unavailable = Unavailable("netmem object not loaded")
     # zombie pools only (collect/holders.py): who holds the inflight pages; pages add up to
     # inflight_pages

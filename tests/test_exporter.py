@@ -396,7 +396,7 @@ def full_snapshot() -> Snapshot:
     zombie = pool(pool_id=9, state="zombie", zombie_age_ns=10**9,
                   holders=(holder("socket", 90), holder("cpu-deferred-free", 10),
                            holder("socket", 4)))
-    active = pool(states=states(), netmem_hold_ns=hold_hist())
+    active = pool(netmem_states=states(), netmem_hold_ns=hold_hist())
     return snapshot((active, zombie), errors=(CollectorError("c", "e"),),
                     self_stats=SelfStats(1, {"p": 1}, {"p": 1}), stats=STATS,
                     collectors=(CollectorRun("page_pool", True, 10**6),),

@@ -116,7 +116,7 @@ def test_veth_pool_tracked_netmem_match_kernel_inflight(xdp_frags: Path) -> None
             snap_pools = pools.read(time.monotonic_ns(), {})
             [rx] = [p for p in snap_pools if p.netdev == topo.rx_dev and p.state == "active"]
             [with_states], _sockets, summary = reader.read(time.monotonic_ns(), [rx])
-            states = with_states.states
+            states = with_states.netmem_states
             assert not isinstance(states, Unavailable)
             assert rx.inflight_pages == states.tracked > 0
             assert states.by_type.keys() == {"page"}

@@ -24,7 +24,7 @@ def test_catalogue_is_read_from_program_names() -> None:
     assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
         "raw_tp", "tracepoint"]
     assert [c.mechanism for c in hooks["page_pool_destroy"].candidates] == ["fentry", "kprobe"]
-    assert hooks["page_pool_release"].candidates[1].tracepoint == "page_pool/page_pool_release"
+    assert hooks["page_pool_release"].candidates[1].target == "page_pool/page_pool_release"
 
 
 @pytest.mark.live

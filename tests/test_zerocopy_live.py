@@ -23,10 +23,11 @@ from memcg_helpers import child_memcg
 
 from netmemtrace import abi, probes
 from netmemtrace.collect import zerocopy
-from netmemtrace.collect.memcg import MemcgCollector, filter_snapshot
+from netmemtrace.collect.memcg import MemcgCollector
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
 from netmemtrace.snapshot import Unavailable
+from netmemtrace.views.dump import filter_snapshot
 from netmemtrace.views.text import verify_table
 
 pytestmark = pytest.mark.live
@@ -388,8 +389,8 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
     real = probes.static_check
 
     def no_mmap_events(cand, btf_path):
-        if cand.tracepoint.endswith("_mmap"):
-            return f"tracepoint {cand.tracepoint} not in this kernel"
+        if cand.target.endswith("_mmap"):
+            return f"tracepoint {cand.target} not in this kernel"
         return real(cand, btf_path)
 
     monkeypatch.setattr(probes, "static_check", no_mmap_events)

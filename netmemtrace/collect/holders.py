@@ -488,8 +488,8 @@ class HoldersCollector:
             self._set_zombies(set())
             self._last = None
             return pools
-        # A scan walks every socket of every netns (27-45 ms of CPU, bench/): while no
-        # zombie's inflight moved, the holders found last time still stand, for a while.
+        # A scan walks every socket of every netns (its CPU: bench/README.md, Daemon CPU):
+        # while no zombie's inflight moved, the holders found last time still stand, a while.
         state = tuple(sorted((a, p.inflight_pages) for a, p in zombies.items()
                              if isinstance(p.inflight_pages, int)))
         now = time.monotonic()

@@ -9,14 +9,11 @@ would be charged if network pages stayed accounted while user space maps them.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import abi, libbpf, probes
-from ..snapshot import MemcgSelfStats, MemcgSnapshot, ProcessSnapshot, Snapshot, Unavailable
+from ..snapshot import MemcgSelfStats, MemcgSnapshot, ProcessSnapshot, Unavailable
 from . import cgroups, zerocopy
 from .ledger import PAGE
 from .zerocopy import (
@@ -204,43 +201,3 @@ class MemcgCollector:
 
     def close(self) -> None:
         self.zerocopy.close()
-
-# ---- filters for `dump --cgroup PATH --pid PID` and `--verify` (pure, over Snapshot) ----
-
-def filter_snapshot(snap: Snapshot, cgroup: str | None = None, pid: int | None = None
-                    ) -> Snapshot:
-    """Only memcgs at or under cgroup; with pid, only the memcgs and process row of pid."""
-    memcgs = []
-    for m in snap.memcgs:
-        if cgroup is not None and (m.path is None or not cgroups.is_under(m.path, cgroup)):
-            continue
-        if pid is not None:
-            procs = tuple(p for p in m.processes if p.pid == pid)
-            if not procs:
-                continue
-            m = dataclasses.replace(m, processes=procs)
-        memcgs.append(m)
-    return dataclasses.replace(snap, memcgs=tuple(memcgs))
-
-
-
-def no_match_reason(snap: Snapshot, cgroup: str | None, pid: int | None,
-                    mount: Path | None) -> str:
-    """Why `dump --cgroup/--pid` selected no memory cgroup row: one line for stderr.
-
-    mount is the memory hierarchy (CgroupResolver.mount), None when there is none."""
-    if snap.memcg_self_stats is None:
-        return "memory cgroup figures are unavailable in this snapshot (see its errors)"
-    if pid is not None and not any(p.pid == pid for m in snap.memcgs for p in m.processes):
-        if not os.path.exists(f"/proc/{pid}"):
-            return (f"--pid {pid}: no such process, and none with that pid made a zerocopy "
-                    "call before exiting while traced")
-        return (f"--pid {pid}: the process made no zerocopy call while traced (only "
-                "processes that did have a row)")
-    if cgroup is not None and (mount is None or not (mount / cgroup.lstrip("/")).is_dir()):
-        where = f"under {mount}" if mount else "(no memory cgroup hierarchy is mounted)"
-        return f"--cgroup {cgroup}: no such memory cgroup {where}"
-    if cgroup is not None and pid is not None:
-        return f"--pid {pid} has no row at or under --cgroup {cgroup}"
-    return (f"--cgroup {cgroup}: no socket memory or zerocopy event at or under it while "
-            "traced")

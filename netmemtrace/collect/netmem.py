@@ -47,11 +47,10 @@ _PAGE = mmap.PAGESIZE
 _ZERO_PAGE = bytes(_PAGE)
 HASH_MUL = 0x9E3779B97F4A7C15      # netmem.bpf.c sampled(): Fibonacci hashing
 _U64 = (1 << 64) - 1
-# Measured with kernel.bpf_stats_enabled under the veth+XDP demo (6.18, 2 vCPUs; bench/): an
-# untracked page_pool_state_hold/release event costs what an empty program does (~49 ns); a
-# tracked one ~300 ns more, one cache and TLB miss on its table slot, inherent to following a
-# page. 1 in 32 puts the event at 1.3x the empty program, inside the 1.5x budget (1 in 16:
-# 1.5x), and still tracks ~32 netmem of a 1024-netmem pool.
+# An untracked page_pool_state_hold/release event costs what an empty program does; a tracked
+# one a cache and TLB miss on its table slot, inherent to following a page. 1 in 32 keeps the
+# event inside the 1.5x budget and still tracks ~32 netmem of a 1024-netmem pool (the
+# figures, 1 in 16 beside 1 in 32: bench/README.md, netmem hold/release).
 DEFAULT_SAMPLE_N = 32
 STATES = ("pool", "driver", "stack", "application")
 TYPES = ("page", "dmabuf", "io_uring", "net_iov")
@@ -404,14 +403,14 @@ class NetmemReader:
         for p in pools:
             if p.state == "released":
                 gone = Unavailable("pool freed: its netmem counters were dropped with it")
-                out.append(replace(p, states=gone, netmem_hold_ns=gone))
+                out.append(replace(p, netmem_states=gone, netmem_hold_ns=gone))
                 continue
             states = pool_states(by_pool.get(p.pool_addr, ()), totals.get(p.pool_addr), factor,
                                  [PROVIDER_TYPES.get(p.provider, "net_iov")], missing)
             hist: HoldHistogram | Unavailable = hold_histogram(totals.get(p.pool_addr), factor)
             if isinstance(states.application, Unavailable):
                 hist = states.application
-            out.append(replace(p, states=states, netmem_hold_ns=hist))
+            out.append(replace(p, netmem_states=states, netmem_hold_ns=hist))
         return out
 
     def _devmem_sockets(self, now_ns: int, factor: int, held_missing: str | None

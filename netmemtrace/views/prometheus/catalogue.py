@@ -301,13 +301,14 @@ def _netmem_pages(v: View) -> Iterator[Row]:
         yield None, (), off
         return
     for labels, group in v.pools.items():
-        missing = next((p.states for p in group if isinstance(p.states, Unavailable)), None)
+        missing = next((p.netmem_states for p in group
+                        if isinstance(p.netmem_states, Unavailable)), None)
         if missing is not None:
             yield labels, (), missing
             continue
         by_key: dict[tuple[str, str], list[Figure]] = {}
         for p in group:
-            for typ, counts in p.states.by_type.items():  # type: ignore[union-attr]
+            for typ, counts in p.netmem_states.by_type.items():  # type: ignore[union-attr]
                 for s in NETMEM_STATES:
                     by_key.setdefault((typ, s), []).append(counts.get(s))
         for key, values in by_key.items():
@@ -319,13 +320,14 @@ def _netmem_transitions(v: View) -> Iterator[Row]:
         yield None, (), off
         return
     for labels, group in v.pools.items():
-        missing = next((p.states for p in group if isinstance(p.states, Unavailable)), None)
+        missing = next((p.netmem_states for p in group
+                        if isinstance(p.netmem_states, Unavailable)), None)
         if missing is not None:
             yield labels, (), missing
             continue
         transitions: dict[str, int] = {}
         for p in group:
-            for move, n in p.states.transitions_total.items():  # type: ignore[union-attr]
+            for move, n in p.netmem_states.transitions_total.items():  # type: ignore[union-attr]
                 transitions[move] = transitions.get(move, 0) + n
         for move, n in sorted(transitions.items()):
             src, _, dst = move.partition("->")
