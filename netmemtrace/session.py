@@ -126,6 +126,23 @@ class Collector:
     collect: Callable[[Draft], None]
 
 
+def run(collectors: tuple[Collector, ...], d: Draft) -> tuple[CollectorRun, ...]:
+    """Every collector in turn, each timed. One that fails is named in d.errors and the
+    others still run: a failing collector never fails the snapshot."""
+    runs = []
+    for c in collectors:
+        began = time.monotonic_ns()
+        try:
+            c.collect(d)
+        except Exception as exc:  # noqa: PERF203 (the next collector runs all the same)
+            d.errors.append(CollectorError(c.name, str(exc)))
+            ok = False
+        else:
+            ok = True
+        runs.append(CollectorRun(c.name, ok, time.monotonic_ns() - began))
+    return tuple(runs)
+
+
 def _kernel_view(d: Draft) -> None:
     try:
         d.kernel_pools = resolve.kernel_view()
@@ -308,23 +325,13 @@ class Session:
             d.prog_run_cnt = {p.name: p.run_cnt for p in progs}
 
     def read(self) -> Snapshot:
-        """One snapshot: every collector in turn, each timed. One that fails is named in
-        errors; the others still report."""
+        """One snapshot from every collector (run()); one that fails is named in errors,
+        the others still report."""
         start = time.monotonic_ns()
         d = Draft(start, netmem=Unavailable(
             "the netmem collector failed: see errors" if self._netmem
             else "the netmem object is not loaded: see `netmemtrace probes`"))
-        runs = []
-        for c in self.collectors:
-            began = time.monotonic_ns()
-            try:
-                c.collect(d)
-            except Exception as exc:  # noqa: PERF203 (one failing collector never fails the snapshot)
-                d.errors.append(CollectorError(c.name, str(exc)))
-                ok = False
-            else:
-                ok = True
-            runs.append(CollectorRun(c.name, ok, time.monotonic_ns() - began))
+        runs = run(self.collectors, d)
         return Snapshot(
             taken_monotonic_ns=start,
             taken_unix_s=time.time(),
@@ -342,7 +349,7 @@ class Session:
             devmem_sockets=d.devmem_sockets,
             netmem=d.netmem,
             devices=d.devices,
-            collectors=tuple(runs),
+            collectors=runs,
             stats=d.stats,
         )
 
