@@ -13,6 +13,7 @@ series, the rest are summed into one series labelled cgroup="other".
 
 from __future__ import annotations
 
+import heapq
 import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,9 +108,10 @@ def memory_rank(m: MemcgSnapshot) -> int:
 
 def capped(items: Sequence, key: Callable[[object], object], limit: int
            ) -> tuple[list, list]:
-    """(the top `limit` items by key, descending; the rest)."""
-    ranked = sorted(items, key=key, reverse=True)
-    return ranked[:limit], ranked[limit:]
+    """(the top `limit` items by key, descending; the rest, in their order)."""
+    top = heapq.nlargest(limit, items, key=key)  # not a sort: thousands of cgroups, top 100
+    shown = {id(item) for item in top}
+    return top, [item for item in items if id(item) not in shown]
 
 
 def combine(values: Iterable[Figure], merge: Callable[[Iterable[float]], float],
@@ -367,18 +369,22 @@ def _zombie_holders(v: View) -> Iterator[Row]:
 
 
 def _process_unaccounted(v: View) -> Iterator[Row]:
-    holding = [(m, p) for m in v.snap.memcgs for p in m.processes
-               if p.zerocopy_unaccounted_bytes]
-    shown, _ = capped(holding, lambda mp: (mp[1].zerocopy_unaccounted_bytes, -mp[1].pid),
-                      v.max_cgroups)
-    for m, p in shown:
+    # The top N of every process (tens of thousands on a large host): a heap, not a sort;
+    # the row index breaks ties so that snapshots are never compared.
+    shown = heapq.nlargest(v.max_cgroups, (
+        (p.zerocopy_unaccounted_bytes, -p.pid, -i, m, p)
+        for i, (m, p) in enumerate((m, p) for m in v.snap.memcgs for p in m.processes)
+        if p.zerocopy_unaccounted_bytes))
+    for *_, m, p in shown:
         yield memcg_labels(m), (str(p.pid), p.comm or ""), p.zerocopy_unaccounted_bytes
 
 
 def _process_exited(v: View) -> Iterator[Row]:
-    gone = [(m, p) for m in v.snap.memcgs for p in m.processes if p.exited]
-    shown, _ = capped(gone, lambda mp: (-(mp[1].exit_age_ns or 0), -mp[1].pid), v.max_cgroups)
-    for m, p in shown:
+    shown = heapq.nlargest(v.max_cgroups, (
+        (-(p.exit_age_ns or 0), -p.pid, -i, m, p)
+        for i, (m, p) in enumerate((m, p) for m in v.snap.memcgs for p in m.processes)
+        if p.exited))
+    for *_, m, p in shown:
         yield memcg_labels(m), (str(p.pid), p.comm or ""), (p.exit_age_ns or 0) / NS_PER_S
 
 
