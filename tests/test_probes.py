@@ -13,6 +13,7 @@ from conftest import REPO, bpf_prog_ids, prog_ids_held_by
 
 from netmemtrace import abi, libbpf, probes
 from netmemtrace.cli import format_probes
+from netmemtrace.snapshot import SCHEMA_VERSION
 
 OBJ = str(abi.object_path("pagepool"))
 
@@ -184,7 +185,7 @@ def test_signal_prints_snapshot_and_detaches_everything(sig: str) -> None:
     proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
-    assert json.loads(out)["schema_version"] == 1
+    assert json.loads(out)["schema_version"] == SCHEMA_VERSION
     assert ours & bpf_prog_ids() == set()
 
 
