@@ -83,30 +83,48 @@ class _Escaped(dict):
         return e
 
 
+Texts = dict[tuple[str, ...], str]  # label values -> their text
+
+
 class _Labels:
     """Label sets as exposition text ('{a="x",b="y"}', names sorted as prometheus_client
-    sorts them), each distinct one escaped and joined once; shared by every family of a
-    render. One format string per tuple of names puts the values in sorted-name order."""
+    sorts them), each distinct one escaped and joined once: one format string per tuple of
+    names puts the values in sorted-name order.
+
+    Kept from one render to the next: a host's pools and cgroups change little between
+    scrapes, so a label set is made once for many scrapes. Each render that writes lines
+    starts a generation (rotate()) and takes what it finds in the previous one; only the
+    label sets the last two renders used are kept, so gone pools and cgroups are forgotten.
+    A text depends on nothing but its names and values, so renders in two threads at once
+    are still right (at worst one misses the other's work)."""
 
     def __init__(self) -> None:
         self._escaped = _Escaped()
-        self._by_names: dict[tuple[str, ...], tuple[str, dict]] = {}
+        self._by_names: dict[tuple[str, ...], tuple[str, Texts, Texts]] = {}
 
-    def of(self, names: tuple[str, ...]) -> tuple[str, dict[tuple[str, ...], str]]:
-        """(format string, texts made so far) of a tuple of label names."""
+    def rotate(self) -> None:
+        self._escaped = _Escaped()
+        self._by_names = {names: (fmt, {}, now)
+                          for names, (fmt, now, _old) in self._by_names.items()}
+
+    def of(self, names: tuple[str, ...]) -> tuple[str, Texts, Texts]:
+        """(format string, texts of this generation, of the previous one) of label names."""
         entry = self._by_names.get(names)
         if entry is None:
             order = sorted(range(len(names)), key=names.__getitem__)
             fmt = "{{" + ",".join(f'{names[i]}="{{{i}}}"' for i in order) + "}}" \
                 if names else ""
-            entry = self._by_names[names] = (fmt, {})
+            entry = self._by_names[names] = (fmt, {}, {})
         return entry
 
     def text(self, names: tuple[str, ...], values: tuple[str, ...]) -> str:
-        fmt, done = self.of(names)
+        fmt, done, old = self.of(names)
         t = done.get(values)
         if t is None:
-            t = done[values] = fmt.format(*map(self._escaped.__getitem__, values))
+            t = old.get(values)
+            if t is None:
+                t = fmt.format(*map(self._escaped.__getitem__, values))
+            done[values] = t
         return t
 
     def pairs(self, items: Iterable[tuple[str, str]]) -> str:
@@ -133,18 +151,24 @@ def _lines(f: Family, labels: _Labels) -> str:
         return "".join(out)
     sample = f.name + {"counter": "_total", "info": "_info"}.get(f.type, "")
     info = f.type == "info"
-    # The loop of every large family: lookups inlined.
-    fmt, done = labels.of(names)
+    # The loop of every large family: labels.text() inlined.
+    fmt, done, old = labels.of(names)
     escaped = labels._escaped.__getitem__
     lines = []
     for values, v in f.rows:
         t = done.get(values)
         if t is None:
-            t = done[values] = fmt.format(*map(escaped, values))
+            t = old.get(values)
+            if t is None:
+                t = fmt.format(*map(escaped, values))
+            done[values] = t
         lines.append(f"{sample}{t} 1.0\n" if info else
                      f"{sample}{t} {v}.0\n" if type(v) is int and -1_000_000 < v < 1_000_000
                      else f"{sample}{t} {_number(v)}\n")  # type: ignore[arg-type]
     return "".join(lines)
+
+
+_LABELS = _Labels()  # the label texts every render shares (see _Labels)
 
 
 # ---- the two formats ---------------------------------------------------------------------
@@ -172,11 +196,13 @@ def encode(families: Sequence[Family], fmt: str) -> bytes:
 
         registry = _Metrics(families)
         return om_latest(registry) if fmt == OPENMETRICS else text_latest(registry)
-    labels = _Labels()
+    fresh = [f for f in families if f._lines is None]
+    if fresh:  # a new snapshot (a second format of one reuses its lines)
+        _LABELS.rotate()
+        for f in fresh:
+            f._lines = _lines(f, _LABELS)
     out: list[str] = []
     for f in families:
-        if f._lines is None:
-            f._lines = _lines(f, labels)
         name, kind = f.name, f.type
         if fmt == OPENMETRICS:
             doc = _label_escape(f.help)
