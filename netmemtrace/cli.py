@@ -103,8 +103,11 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "kernel, probes, pools (with netmem states and zombie "
                                    "holders), memcgs (with every process seen making "
                                    "zerocopy calls, exited ones marked with their exit "
-                                   "age), devmem_sockets, netmem, self_stats, "
-                                   "errors. Every field, its unit and meaning: README.md. A "
+                                   "age), devmem_sockets, netmem, self_stats, stats "
+                                   "(every BPF counter by object; names ending _full, "
+                                   "_lost, _truncated count losses), collectors (each "
+                                   "one's success and time), errors (collector, message). "
+                                   "Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')
     d.add_argument("--duration", type=options.DUMP_DURATION, default=1.0, metavar="S",
