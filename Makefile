@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BTF ?= /sys/kernel/btf/vmlinux
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-APT_PKGS := clang llvm libbpf-dev bpftool iproute2 iperf3 tmux python3-venv prometheus openssl systemd bpftrace
+APT_PKGS := clang llvm libbpf-dev bpftool iproute2 iperf3 tmux python3-venv prometheus openssl systemd bpftrace \
+	mmdebstrap podman runc
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,netmemtrace/bpfobj/%.bpf.o,$(BPF_SRCS))
 BPF_ABI := $(BPF_OBJS:.o=.json)
 
-.PHONY: run test build deps venv lint bench clean test-kernels kernel-deps
+.PHONY: run test build deps venv lint bench clean test-kernels kernel-deps image
 
 RUN_JSON ?= build/run-dump.json
 
@@ -69,6 +70,11 @@ kernel-deps:
 
 test-kernels: build kernel-deps
 	KERNELS="$(KERNELS)" $(PY) -m tests.kernels.matrix $(MATRIX_ARGS)
+
+# The DaemonSet's image, from Debian packages of this machine's apt mirror (no registry);
+# reused while its content hash is unchanged (FORCE=1 rebuilds). deploy/README.md, "Image".
+image: build
+	deploy/image/build.sh
 
 lint: venv
 	$(PY) -m ruff check netmemtrace tests $(wildcard bench)

@@ -123,6 +123,26 @@ static __always_inline void netmem_pp_fields(__u64 netmem, __u64 *magic, __u64 *
 	}
 }
 
+/*
+ * Offset of pp_alloc_cache.cache, the pool's lockless alloc cache: struct page * entries
+ * until 6.10 ("page_pool: convert to use netmem"), netmem_ref after. CO-RE matches a field
+ * only with its type, so each era has its flavour.
+ */
+struct pp_alloc_cache___netmem {
+	unsigned long cache[1];
+} __attribute__((preserve_access_index));
+
+struct pp_alloc_cache___page {
+	struct page *cache[1];
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 pp_alloc_cache_offset(void)
+{
+	if (bpf_core_field_exists(struct pp_alloc_cache___netmem, cache))
+		return bpf_core_field_offset(struct pp_alloc_cache___netmem, cache);
+	return bpf_core_field_offset(struct pp_alloc_cache___page, cache);
+}
+
 /* ---- compound pages ---- */
 
 /*

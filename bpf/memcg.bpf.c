@@ -12,6 +12,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
 #include "netmemtrace.h"
 #include "common.bpf.h"
 
@@ -232,6 +233,102 @@ SEC("kprobe/mem_cgroup_uncharge_skmem")
 int BPF_KPROBE(uncharge_skmem__kprobe, struct mem_cgroup *memcg, unsigned int nr_pages)
 {
 	return on_fn_charge(memcg_cgroup_id(memcg), nr_pages, false);
+}
+
+/* ---- connections awaiting accept(): socket memory charged to no memcg ---- */
+
+#define AF_INET6 10
+/* Children walked per listener: beyond this, the rest of its queue is not reported. */
+#define MAX_ACCEPT_WALK 4096
+
+/* Iterator output has no map type: this keeps the record in the BTF userspace reads. */
+struct memcg_unaccepted memcg_unaccepted_abi __attribute__((unused));
+
+struct accept_walk {
+	struct seq_file *seq;
+	const struct request_sock *req;
+	__u64 listener_ino;
+	__u64 listener_memcg_id;
+};
+
+static __always_inline __u64 sock_ino(const struct sock *sk)
+{
+	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
+
+	/* The inode follows struct socket in struct socket_alloc (SOCK_INODE()). */
+	if (!sock)
+		return 0;
+	return BPF_CORE_READ((struct inode *)((void *)sock + bpf_core_field_offset(
+		struct socket_alloc, vfs_inode)), i_ino);
+}
+
+static long accept_step(__u64 i, void *data)
+{
+	struct accept_walk *w = data;
+	const struct request_sock *req = w->req;
+	struct memcg_unaccepted r = {};
+	struct tcp_sock *tp;
+	struct sock *sk;
+
+	if (!req)
+		return 1;
+	sk = BPF_CORE_READ(req, sk);
+	w->req = BPF_CORE_READ(req, dl_next);
+	/* A fastopen child may already be gone from under the request; nothing to report. */
+	if (!sk)
+		return 0;
+	tp = (struct tcp_sock *)sk;
+	r.sk = (__u64)sk;
+	r.memcg_id = memcg_cgroup_id(sk_memcg(sk));
+	r.listener_ino = w->listener_ino;
+	r.listener_memcg_id = w->listener_memcg_id;
+	r.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	r.forward_alloc = BPF_CORE_READ(sk, sk_forward_alloc);
+	r.rmem_alloc = BPF_CORE_READ(sk, sk_backlog.rmem_alloc.counter);
+	r.wmem_queued = BPF_CORE_READ(sk, sk_wmem_queued);
+	r.queued_bytes = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+	r.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	r.sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	r.dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (r.family == AF_INET6) {
+		BPF_CORE_READ_INTO(&r.saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32);
+		BPF_CORE_READ_INTO(&r.daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
+	} else {
+		r.saddr[0] = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		r.daddr[0] = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+	}
+	bpf_seq_write(w->seq, &r, sizeof(r));
+	return 0;
+}
+
+/*
+ * Un-accepted children are in the established hash too, but nothing there leads back to
+ * their listener (whose memcg accept() will most likely charge): walk each listener's
+ * accept queue instead. Read without the queue lock, as /proc/net/tcp reads sockets: a
+ * request accepted meanwhile ends the walk early at worst (its dl_next is cleared).
+ */
+SEC("iter/tcp")
+int memcg_unaccepted(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct accept_walk w = { .seq = ctx->meta->seq };
+	struct tcp_sock *tp;
+	struct sock *sk;
+
+	if (!skc || skc->skc_state != TCP_LISTEN)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	sk = (struct sock *)tp;
+	if (!BPF_CORE_READ(sk, sk_ack_backlog))
+		return 0;
+	w.req = BPF_CORE_READ(tp, inet_conn.icsk_accept_queue.rskq_accept_head);
+	w.listener_ino = sock_ino(sk);
+	w.listener_memcg_id = memcg_cgroup_id(sk_memcg(sk));
+	bpf_loop(MAX_ACCEPT_WALK, accept_step, &w, 0);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

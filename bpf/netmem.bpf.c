@@ -332,7 +332,7 @@ static long refilled_one(__u64 i, __u64 *cache)
 static __noinline void on_zcrx_refill(__u64 pool, __u64 netmem)
 {
 	__u64 alloc = pool + bpf_core_field_offset(struct page_pool, alloc);
-	__u64 cache = alloc + bpf_core_field_offset(struct pp_alloc_cache, cache);
+	__u64 cache = alloc + pp_alloc_cache_offset();
 	__u32 count = 0;
 
 	stat_inc(zcrx_refills);

@@ -108,6 +108,31 @@ struct memcg_stats {
 	__u64 memcg_unresolved;		/* event whose memcg had no readable cgroup id */
 };
 
+/*
+ * A connection the kernel established but no process has accept()ed yet, printed by the
+ * memcg_unaccepted iterator while walking its listener's accept queue. Such a socket was
+ * cloned in softirq, so it has no memcg: what it receives is charged to nobody until
+ * accept() charges sk_mem_pages(forward_alloc + rmem_alloc) to the acceptor's memcg.
+ */
+struct memcg_unaccepted {
+	__u64 sk;
+	__u64 memcg_id;			/* sk_memcg's cgroup id: 0 while charged to no memcg */
+	__u64 listener_ino;		/* the listener's socket inode: socket:[ino] */
+	__u64 listener_memcg_id;	/* the listener's sk_memcg cgroup id, 0 if none */
+	__u32 netns_ino;
+	__u32 state;			/* TCP_* state */
+	__s32 forward_alloc;		/* sk_forward_alloc, bytes */
+	__u32 rmem_alloc;		/* sk_rmem_alloc: truesize of the queued skbs, bytes */
+	__u32 wmem_queued;		/* sk_wmem_queued, bytes */
+	__u32 queued_bytes;		/* rcv_nxt - copied_seq: payload not read (ss Recv-Q) */
+	__u32 saddr[4];			/* network byte order; IPv4 in saddr[0] */
+	__u32 daddr[4];
+	__u16 sport;			/* host order */
+	__u16 dport;
+	__u16 family;
+	__u16 pad;
+};
+
 /* Zerocopy counters of one process in one memcg (a process may move between memcgs). */
 struct zc_key {
 	__u32 tgid;

@@ -21,9 +21,9 @@ from .collect.memcg import MemcgCollector
 from .collect.netmem import (
     DEFAULT_SAMPLE_N,
     HEAD_PAGE_SYMBOLS,
+    SHARED_MAPS,
     NetmemReader,
     sample_threshold,
-    shared_maps,
 )
 from .collect.pagepool import PagePoolReader, device_summaries
 from .snapshot import (
@@ -37,6 +37,7 @@ from .snapshot import (
     PoolSnapshot,
     SelfStats,
     Snapshot,
+    UnacceptedSocket,
     Unavailable,
 )
 
@@ -54,12 +55,22 @@ class LoadOptions:
     sizes: dict[str, dict[str, int]]  # object -> map -> max_entries (NETMEMTRACE_MAP_SIZES)
 
 
+def _map_sizes(spec: ObjectSpec, opts: LoadOptions) -> dict[str, int]:
+    """NETMEMTRACE_MAP_SIZES for the maps this object creates: its own, and those objects
+    loaded after it share (a map is sized where it is created)."""
+    sizes = dict(opts.sizes.get(spec.name, {}))
+    for child in (c for c in OBJECT_SPECS if c.after == spec.name):
+        sizes.update((m, n) for m, n in opts.sizes.get(child.name, {}).items()
+                     if m in child.shared)
+    return sizes
+
+
 def _load_generic(spec: ObjectSpec, opts: LoadOptions,
                   parent: probes.LoadedObject | None) -> probes.LoadedObject:
     return probes.load_object(
         spec.name, str(abi.object_path(spec.name)), kernel=opts.kernel,
-        max_entries=opts.sizes.get(spec.name),
-        reuse=spec.reuse(parent) if spec.reuse and parent else None,
+        max_entries=_map_sizes(spec, opts),
+        reuse={m: parent.obj.map(m) for m in spec.shared} if parent else None,
         disabled=None if opts.netmem_stack else spec.off_unless_stack)
 
 
@@ -70,15 +81,16 @@ def _load_zerocopy(spec: ObjectSpec, opts: LoadOptions,
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """How one BPF object loads. after: the object it loads after, in the same thread, and
-    whose maps (reuse) it shares; off_unless_stack: hooks left off without --netmem-stack;
-    stats: its map of counters (abi.Stats), read into Snapshot.stats[name]."""
+    """How one BPF object loads. after: the object it loads after, in the same thread;
+    shared: that object's maps this one uses instead of its own; off_unless_stack: hooks
+    left off without --netmem-stack; stats: its map of counters (abi.Stats), read into
+    Snapshot.stats[name]."""
 
     name: str
     load: Callable[[ObjectSpec, LoadOptions, probes.LoadedObject | None],
                    probes.LoadedObject] = _load_generic
     after: str | None = None
-    reuse: Callable[[probes.LoadedObject], dict[str, libbpf.Map]] | None = None
+    shared: tuple[str, ...] = ()
     off_unless_stack: dict[str, str] | None = None
     stats: str | None = None
 
@@ -90,7 +102,7 @@ OBJECT_SPECS = (
     ObjectSpec("memcg", stats="memcg_stats"),
     ObjectSpec("zerocopy", load=_load_zerocopy, stats="zc_stats"),
     # One netmem table, filled by the pagepool object's programs on page_pool events.
-    ObjectSpec("netmem", after="pagepool", reuse=shared_maps, off_unless_stack=STACK_OFF,
+    ObjectSpec("netmem", after="pagepool", shared=SHARED_MAPS, off_unless_stack=STACK_OFF,
                stats="netmem_stats"),
     # Its counters are per scan: the collector sums them (HoldersCollector.totals).
     ObjectSpec("holders"),
@@ -110,6 +122,8 @@ class Draft:
     devmem_sockets: tuple[DevmemSocket, ...] = ()
     memcgs: tuple[MemcgSnapshot, ...] = ()
     memcg_self: MemcgSelfStats | None = None
+    unaccepted_sockets: tuple[UnacceptedSocket, ...] | Unavailable = Unavailable(
+        "the memcg collector failed: see errors")
     devices: tuple[DeviceSummary, ...] = ()
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     prog_run_time_ns: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
@@ -306,7 +320,7 @@ class Session:
             steps.append(Collector("holders", held))
         if memcg:
             def memcgs(d: Draft) -> None:
-                d.memcgs, d.memcg_self = memcg.read(d.now_ns)
+                d.memcgs, d.memcg_self, d.unaccepted_sockets = memcg.read(d.now_ns)
             steps.append(Collector("memcg", memcgs))
         steps += [Collector("devices", _devices), Collector("stats", self._read_stats),
                   Collector("programs", self._read_programs)]
@@ -331,6 +345,9 @@ class Session:
         d = Draft(start, netmem=Unavailable(
             "the netmem collector failed: see errors" if self._netmem
             else "the netmem object is not loaded: see `netmemtrace probes`"))
+        if not self._memcg:
+            d.unaccepted_sockets = Unavailable(
+                "the memcg object is not loaded: see `netmemtrace probes`")
         runs = run(self.collectors, d)
         return Snapshot(
             taken_monotonic_ns=start,
@@ -349,6 +366,7 @@ class Session:
             devmem_sockets=d.devmem_sockets,
             netmem=d.netmem,
             devices=d.devices,
+            unaccepted_sockets=d.unaccepted_sockets,
             collectors=runs,
             stats=d.stats,
         )

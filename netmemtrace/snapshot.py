@@ -224,6 +224,34 @@ class MemcgSnapshot:
     zerocopy_oldest_mapped_age_ns: int | None
     would_be_charged_bytes: int | Unavailable      # sock_charged_now + zerocopy_unaccounted
     processes: tuple[ProcessSnapshot, ...]         # top processes by unaccounted bytes
+    # What accept() will charge here: connections queued on listeners this memcg owns,
+    # charged to no memcg until then (UnacceptedSocket.charge_on_accept_bytes summed).
+    sock_awaiting_accept_bytes: int | Unavailable = 0
+
+
+@dataclass(frozen=True)
+class UnacceptedSocket:
+    """A TCP connection the kernel established that no process has accept()ed yet. It was
+    created in softirq, outside any task, so its socket memory is charged to no memcg:
+    what it receives counts in the host's TCP memory but in no cgroup's memory.stat `sock`
+    (Kubernetes #134194). accept() then charges sk_mem_pages(forward_alloc + rmem) to the
+    accepting process's memcg, normally the listener's."""
+
+    netns: str | None
+    local_addr: str                # "ip:port" ("[ip6]:port")
+    remote_addr: str
+    state: str                     # ESTABLISHED, CLOSE_WAIT (the peer already closed), ...
+    queued_bytes: int              # payload received and not read (ss Recv-Q)
+    rmem_bytes: int                # truesize of its receive queue (ss -m skmem r)
+    forward_alloc_bytes: int       # reserved, not yet used (ss -m skmem f)
+    charge_on_accept_bytes: int    # whole pages of forward_alloc + rmem: what accept() charges
+    memcg_id: int                  # 0: charged to no memcg (any other value: already charged)
+    memcg: str | None              # its memcg's path, None while charged to none
+    listener_inode: int
+    listener_pids: tuple[int, ...]  # processes with the listener open (ss -p)
+    listener_comm: str | None
+    listener_memcg_id: int         # the listener's sk_memcg: where accept() will most likely
+    listener_memcg: str | None     # charge it (the accepting process's memcg, in fact)
 
 
 @dataclass(frozen=True)
@@ -374,6 +402,9 @@ class Snapshot:
     devmem_sockets: tuple[DevmemSocket, ...] = ()  # sockets that used devmem TCP tokens
     netmem: NetmemSummary | Unavailable = Unavailable("netmem object not loaded")
     devices: tuple[DeviceSummary, ...] = ()  # per NIC: ynltool page-pool stats and beyond
+    # connections no process accepted yet: socket memory charged to no memcg
+    unaccepted_sockets: tuple[UnacceptedSocket, ...] | Unavailable = Unavailable(
+        "memcg object not loaded")
     collectors: tuple[CollectorRun, ...] = ()  # each collector of this read: ok? how long?
     # {object: {counter: n}} since attach: every BPF `*_stats` struct (summed over CPUs) and
     # the readers' own drop counters; names ending in LOSS_SUFFIXES count losses.

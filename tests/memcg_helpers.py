@@ -42,3 +42,45 @@ def child_memcg(name: str, tcp_limit: int | None = None) -> Iterator[tuple[Path,
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+V2 = Path("/sys/fs/cgroup")
+
+
+def own_cgroup_v2() -> str:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line.rstrip("\n")[3:]
+    raise RuntimeError("no cgroup v2 entry in /proc/self/cgroup")
+
+
+@contextlib.contextmanager
+def child_cgroup_v2(name: str) -> Iterator[tuple[Path, str]]:
+    """(directory, path relative to the cgroup2 root) of a new child of our own cgroup, whose
+    memory controller its parent must already hand down (the guests' init does for /)."""
+    rel = f"{own_cgroup_v2().rstrip('/')}/nmt-{os.getpid()}-{name}"
+    d = V2 / rel.lstrip("/")
+    d.mkdir()
+    try:
+        assert (d / "memory.stat").exists(), \
+            f"{d.parent}/cgroup.subtree_control does not enable the memory controller"
+        yield d, rel
+    finally:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def memory_stat(d: Path, key: str) -> int:
+    for line in (d / "memory.stat").read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    raise KeyError(f"{key} not in {d}/memory.stat")

@@ -191,7 +191,7 @@ def test_daemonset_is_not_privileged_and_has_the_units_capabilities() -> None:
     assert {f"CAP_{c}" for c in ctx["capabilities"]["add"]} == unit_capabilities()
     assert spec["hostPID"] and spec["hostNetwork"]
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert {"/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/cgroup"} <= mounts
+    assert {"/sys/kernel/tracing", "/sys/fs/cgroup", "/run/netns"} <= mounts
 
 
 # ---- systemd ----------------------------------------------------------------------------------

@@ -226,9 +226,17 @@ def tmux_top(tmp_path: Path) -> Iterator[Tmux]:
     term.kill()
 
 
+def _pool_rows(screen: list[str]) -> list[str]:
+    """The page pool table's lines (the DEVICES table further down names the same
+    netdevs)."""
+    start = next(i for i, line in enumerate(screen) if "PAGE POOLS (" in line)
+    end = next((i for i in range(start, len(screen)) if not screen[i].strip()), len(screen))
+    return screen[start:end]
+
+
 def _order(screen: list[str], names: list[str]) -> list[str]:
-    """The names whose rows are on screen, in the order they appear."""
-    return [name for line in screen for name in names if f"  {name}  " in line]
+    """The names whose page pool rows are on screen, in the order they appear."""
+    return [name for line in _pool_rows(screen) for name in names if f"  {name}  " in line]
 
 
 def _sort_title(screen: list[str]) -> str:
@@ -238,7 +246,7 @@ def _sort_title(screen: list[str]) -> str:
 
 
 def _visible(screen: list[str], name: str) -> bool:
-    return any(f"  {name}  " in line for line in screen)
+    return any(f"  {name}  " in line for line in _pool_rows(screen))
 
 
 def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:

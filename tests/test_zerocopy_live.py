@@ -386,14 +386,14 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
     """A kernel without one of the syscalls:* events (CONFIG_FTRACE_SYSCALLS off, or the event
     refused): the object falls back to the raw sys_enter/sys_exit pair as a whole, and the
     probes table says why; never half of each family."""
-    real = probes.static_check
+    real = probes.Kernel.static_check
 
-    def no_mmap_events(cand, btf_path):
+    def no_mmap_events(kernel, cand):
         if cand.target.endswith("_mmap"):
             return f"tracepoint {cand.target} not in this kernel"
-        return real(cand, btf_path)
+        return real(kernel, cand)
 
-    monkeypatch.setattr(probes, "static_check", no_mmap_events)
+    monkeypatch.setattr(probes.Kernel, "static_check", no_mmap_events)
     lo = zerocopy.load_object()
     try:
         rows = {r.hook: r for r in lo.status()}

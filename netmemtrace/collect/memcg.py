@@ -9,12 +9,22 @@ would be charged if network pages stayed accounted while user space maps them.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .. import abi, libbpf, probes
-from ..snapshot import MemcgSelfStats, MemcgSnapshot, ProcessSnapshot, Unavailable
-from . import cgroups, zerocopy
+from .. import abi, libbpf, netns_broker, probes
+from ..snapshot import (
+    MemcgSelfStats,
+    MemcgSnapshot,
+    ProcessSnapshot,
+    UnacceptedSocket,
+    Unavailable,
+)
+from . import cgroups, resolve, zerocopy
+from .holders import TCP_STATES, format_addr, socket_owners
 from .ledger import PAGE
 from .zerocopy import (
     COUNTER_FIELDS,
@@ -58,6 +68,9 @@ class MemcgReader:
         btf = abi.btf("memcg")
         self._sock_t = btf.struct("memcg_sock")
         self._sock = obj.map("memcg_sock")
+        self._unaccepted_t = btf.struct("memcg_unaccepted")
+        self._obj = obj
+        self._unaccepted: libbpf.Link | None = None  # attached on first use
 
     def read(self, source: str | None) -> dict[int, SockEvents]:
         prefix = "tp" if source == TRACEPOINT_SOURCE else "fn"
@@ -69,6 +82,55 @@ class MemcgReader:
                 sum(getattr(v, f"{prefix}_uncharged_pages") for v in vals))
         return out
 
+    def unaccepted(self, resolver: cgroups.CgroupResolver | None
+                   ) -> tuple[UnacceptedSocket, ...]:
+        """Every connection queued on a listener and not accept()ed yet, in every netns
+        (an iterator answers for the netns it is created in: made there by netns_broker)."""
+        if self._unaccepted is None:
+            self._unaccepted = self._obj.attach("memcg_unaccepted")
+        size = ctypes.sizeof(self._unaccepted_t)
+        raw = []
+        for path in resolve.network_namespaces().values():
+            try:
+                fd = netns_broker.fd_in_netns(path, netns_broker.BPF_ITER,
+                                              self._unaccepted.fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ESRCH):
+                    continue  # gone meanwhile
+                raise
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+            raw += [abi.decode(self._unaccepted_t, data[i:i + size])
+                    for i in range(0, len(data) - size + 1, size)]
+        if not raw:
+            return ()
+        owners = socket_owners({r.listener_ino for r in raw if r.listener_ino})
+        names, own = resolve.netns_names(), resolve.own_netns_inode()
+        if resolver:
+            resolver.refresh()
+
+        def path(memcg_id: int) -> str | None:
+            return resolver.path(memcg_id) if resolver and memcg_id else None
+
+        out = []
+        for r in {r.sk: r for r in raw}.values():
+            pids = tuple(owners.get(r.listener_ino, ()))
+            out.append(UnacceptedSocket(
+                netns=resolve.netns_label(r.netns_ino, names, own),
+                local_addr=format_addr(r.family, r.saddr, r.sport),
+                remote_addr=format_addr(r.family, r.daddr, r.dport),
+                state=TCP_STATES[r.state] if r.state < len(TCP_STATES) else str(r.state),
+                queued_bytes=r.queued_bytes, rmem_bytes=r.rmem_alloc,
+                forward_alloc_bytes=r.forward_alloc,
+                # sk_mem_pages(): whole pages, rounded up, as inet_csk_accept charges them.
+                charge_on_accept_bytes=-(-(r.forward_alloc + r.rmem_alloc) // PAGE) * PAGE,
+                memcg_id=r.memcg_id, memcg=path(r.memcg_id),
+                listener_inode=r.listener_ino, listener_pids=pids,
+                listener_comm=comm_of(pids[0]) if pids else None,
+                listener_memcg_id=r.listener_memcg_id,
+                listener_memcg=path(r.listener_memcg_id)))
+        return tuple(sorted(out, key=lambda u: -u.charge_on_accept_bytes))
+
 
 CrossCheck = Callable[[int, int], tuple[int | Unavailable, int | Unavailable]]
 
@@ -77,14 +139,18 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
                  ledger_hwm: dict[int, int], sock: dict[int, SockEvents],
                  source: str | None, source_reason: str,
                  resolver: cgroups.CgroupResolver | None, now_ns: int,
-                 cross_check: CrossCheck, per_memcg: int | None = SERVE_ROWS.per_memcg
+                 cross_check: CrossCheck, per_memcg: int | None = SERVE_ROWS.per_memcg,
+                 awaiting: dict[int, int] | Unavailable | None = None
                  ) -> tuple[MemcgSnapshot, ...]:
     """procs: running processes and rows of exited ones (exit_ns set), whose counters
-    `exited` already holds per memcg. per_memcg: process rows per memcg (None: all)."""
+    `exited` already holds per memcg. per_memcg: process rows per memcg (None: all).
+    awaiting: listener memcg id -> bytes accept() will charge there (awaiting_accept())."""
     by_memcg: dict[int, list[ProcessFigures]] = {}
     for p in procs:
         by_memcg.setdefault(p.memcg_id, []).append(p)
-    ids = set(by_memcg) | set(exited) | set(sock)
+    awaiting = {} if awaiting is None else awaiting
+    ids = set(by_memcg) | set(exited) | set(sock) | \
+        (set(awaiting) - {0} if isinstance(awaiting, dict) else set())
     if resolver:
         resolver.refresh()
     out = []
@@ -129,8 +195,21 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
             would_be_charged_bytes=now_bytes + unaccounted if isinstance(now_bytes, int)
             else now_bytes,
             processes=processes,
+            sock_awaiting_accept_bytes=awaiting.get(memcg_id, 0)
+            if isinstance(awaiting, dict) else awaiting,
         ))
     return tuple(out)
+
+
+def awaiting_accept(unaccepted: tuple[UnacceptedSocket, ...]) -> dict[int, int]:
+    """Listener memcg id -> bytes accept() will charge there, from connections charged to
+    no memcg yet (a socket with a memcg is counted in that memcg's `sock` already)."""
+    out: dict[int, int] = {}
+    for u in unaccepted:
+        if not u.memcg_id:
+            out[u.listener_memcg_id] = out.get(u.listener_memcg_id, 0) + \
+                u.charge_on_accept_bytes
+    return out
 
 
 def _polled(resolver: cgroups.CgroupResolver | None, path: str | None
@@ -180,13 +259,20 @@ class MemcgCollector:
         self.zerocopy = zerocopy.ZerocopyReader(zerocopy_obj.obj, max_ranges, rows)
         self.resolver = cgroups.CgroupResolver.for_memory()
 
-    def read(self, now_ns: int) -> tuple[tuple[MemcgSnapshot, ...], MemcgSelfStats]:
+    def read(self, now_ns: int) -> tuple[tuple[MemcgSnapshot, ...], MemcgSelfStats,
+                                         tuple[UnacceptedSocket, ...] | Unavailable]:
         source, reason = event_source(self.resolver.hierarchy if self.resolver else None,
                                       self._memcg_obj.status())
         procs, exited, hwm = self.zerocopy.read(now_ns)
+        unaccepted: tuple[UnacceptedSocket, ...] | Unavailable
+        try:
+            unaccepted = self.memcg.unaccepted(self.resolver)
+            awaiting: dict[int, int] | Unavailable = awaiting_accept(unaccepted)
+        except (OSError, libbpf.LibbpfError) as exc:
+            unaccepted = awaiting = Unavailable(f"the accept-queue iterator failed: {exc}")
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
-                              self._rows.per_memcg)
+                              self._rows.per_memcg, awaiting)
         led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)
@@ -197,7 +283,7 @@ class MemcgCollector:
             smaps_mismatch_pids=mismatched,
             exited_process_rows=sum(p.exit_ns is not None for p in procs),
             exited_rows_expired=self.zerocopy.gone_expired,
-            exited_rows_evicted=self.zerocopy.gone_evicted)
+            exited_rows_evicted=self.zerocopy.gone_evicted), unaccepted
 
     def close(self) -> None:
         self.zerocopy.close()
