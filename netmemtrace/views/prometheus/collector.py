@@ -1,7 +1,7 @@
 """A Snapshot to metric families: one loop over the catalogue.
 
-Every scrape turns one Snapshot into families; nothing is kept between scrapes and no gauge is
-mutated per event, so a scrape always shows one consistent moment. A figure the kernel cannot
+Every scrape turns one Snapshot into families; no figure is kept between scrapes and no gauge
+is mutated per event, so a scrape always shows one consistent moment. A figure the kernel cannot
 give (Unavailable in the Snapshot) is never exported as 0: the loop leaves its series out and
 netmemtrace_figure_unavailable_info says which figure is missing for which pool or memory
 cgroup, and why.
@@ -35,12 +35,11 @@ def _object(spec: Spec, obj: tuple[str, ...] | None) -> tuple[str, ...]:
     return (*obj, *("",) * (len(POOL_LABELS) - len(obj)), *NO_MEMCG)  # pool, device
 
 
-def families(snap: Snapshot, max_cgroups: int = 100,
-             catalogue: tuple[Spec, ...] = CATALOGUE) -> list[Family]:
+def families(snap: Snapshot, max_cgroups: int = 100) -> list[Family]:
     """Every family of the catalogue for snap, in catalogue order."""
     view = View.of(snap, max_cgroups)
     out = []
-    for spec in catalogue:
+    for spec in CATALOGUE:
         rows = []
         extra, sample = spec.extra, spec.sample
         for obj, more, value in spec.rows(view):
@@ -73,7 +72,6 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return map(to_metric, self.families())
-
 
 
 def families_of(collector: Collector) -> list[Family]:
