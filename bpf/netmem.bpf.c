@@ -782,9 +782,16 @@ int BPF_PROG(io_zcrx_queue_cqe__fentry, struct io_kiocb *req, struct net_iov *ni
 	     struct io_zcrx_ifq *ifq, int off, int len, bool ret)
 {
 	struct call c;
+	__u64 n = 0, q = 0;
 
+	/*
+	 * The arguments as plain numbers: they are only passed on as addresses, and the
+	 * verifier forbids or-ing the net_iov bit into a typed pointer.
+	 */
+	bpf_get_func_arg(ctx, 1, &n);
+	bpf_get_func_arg(ctx, 2, &q);
 	fn_exit(CALL_ZCRX_CQE, &c);
-	on_zcrx_cqe((__u64)niov, (__u64)ifq, ret);
+	on_zcrx_cqe(n, q, ret);
 	return 0;
 }
 
@@ -801,7 +808,11 @@ int BPF_KRETPROBE(io_zcrx_queue_cqe__kprobe, bool ret)
 SEC("fexit/io_pp_zc_alloc_netmems")
 int BPF_PROG(io_pp_zc_alloc_netmems__fentry, struct page_pool *pp, gfp_t gfp, netmem_ref ret)
 {
-	on_zcrx_refill((__u64)pp, ret);
+	__u64 pool = 0;
+
+	/* A plain number: on_zcrx_refill walks the pool's alloc cache by offsets from it. */
+	bpf_get_func_arg(ctx, 0, &pool);
+	on_zcrx_refill(pool, ret);
 	return 0;
 }
 

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from netmemtrace.collect import cgroups
+
 V1 = Path("/sys/fs/cgroup/memory")
 
 
@@ -23,7 +25,13 @@ def own_memcg() -> str:
 
 @contextlib.contextmanager
 def child_memcg(name: str, tcp_limit: int | None = None) -> Iterator[tuple[Path, str]]:
-    """(directory, path relative to the memory hierarchy) of a new child memcg."""
+    """(directory, path relative to the memory hierarchy) of a new child memcg, on cgroup
+    v1 (tcp_limit: v1 counts TCP memory only where it is set) or v2 (where socket memory is
+    always charged, so tcp_limit has nothing to set)."""
+    if cgroups.memory_hierarchy() == "v2":
+        with child_cgroup_v2(name) as made:
+            yield made
+        return
     rel = f"{own_memcg().rstrip('/')}/nmt-{os.getpid()}-{name}"
     d = V1 / rel.lstrip("/")
     d.mkdir()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import REPO, TraceInstance
+from conftest import REPO, SLOW, TIMINGS, TraceInstance
 
 from netmemtrace import demo
 from netmemtrace.snapshot import SCHEMA_VERSION
@@ -112,7 +112,7 @@ def test_tcp_stream_goes_through_page_pool(trace_instance: Callable[..., TraceIn
 
 def _wait_for_release(trace: TraceInstance, pool: str, done: Callable[[int, int], bool]) -> int:
     """Wait (5 s at most) for a release attempt of ``pool`` with ``done(inflight, attempt)``."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 5 * SLOW
     while True:
         for p, inflight, cnt in _pool_releases(trace):
             if p == pool and done(inflight, cnt):
@@ -134,7 +134,7 @@ def _loopback_datagrams(netns: str) -> None:
         "        s.bind(('127.0.0.1', 0)); s.sendto(b'x', s.getsockname()); s.recv(1)\n"
     )
     subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", code], check=True, timeout=10
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code], check=True, timeout=10 * SLOW
     )
 
 
@@ -176,7 +176,8 @@ def test_unread_socket_keeps_deleted_pool_alive(
 def test_run_demo_leaves_nothing_behind() -> None:
     started = time.monotonic()
     demo.run_demo(duration=2)
-    assert 2 <= time.monotonic() - started < 10
+    took = time.monotonic() - started
+    assert took >= 2 and (not TIMINGS or took < 10)
     assert _leftovers(os.getpid()) == []
 
 
@@ -187,7 +188,7 @@ def test_run_demo_honours_stop_event() -> None:
     worker.start()
     time.sleep(1)
     stop.set()
-    worker.join(timeout=10)
+    worker.join(timeout=10 * SLOW)
     assert not worker.is_alive()
     assert _leftovers(os.getpid()) == []
 
@@ -207,7 +208,7 @@ def test_run_demo_cleans_up_on_signal(signum: signal.Signals) -> None:
         assert "native XDP_PASS attached" in child.stderr.readline()
         time.sleep(0.5)
         child.send_signal(signum)
-        _, stderr = child.communicate(timeout=10)
+        _, stderr = child.communicate(timeout=10 * SLOW)
     finally:
         if child.poll() is None:
             child.kill()
@@ -223,7 +224,7 @@ def test_make_run_shows_a_short_pool_table_then_where_the_json_went(
     receive device has its row; the JSON it points to is complete; a next command is named."""
     out_json = tmp_path / "run.json"
     run = subprocess.run(["make", "--no-print-directory", "-s", "run", f"RUN_JSON={out_json}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=120 * SLOW)
     assert run.returncode == 0, run.stderr
     rx_dev = re.search(r"-> \S+ \(nmt-rx-[^/]+/(\S+),", run.stderr).group(1)
     lines = run.stdout.splitlines()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, SLOW
 from test_exporter import full_snapshot, pool, registry, snapshot
 from test_serve_live import SERVE, Served, http_get, values
 
@@ -38,7 +38,7 @@ def tool(name: str) -> str:
 
 
 def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60 * SLOW, **kw)
 
 
 def exported_names() -> set[str]:
@@ -228,7 +228,7 @@ def test_unit_capability_set_is_enough_and_minimal() -> None:
         assert eff == sum(1 << c for c in caps.KEEP)
         with demo.VethTopology() as topo:
             demo.tcp_stream(topo, 4 << 20)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10 * SLOW
             while not (found := [
                     v for lab, v in values(http_get(f"{served.url}/metrics")[2],
                                            "netmemtrace_page_pool_hold_pages_total")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VETH_PAGE_POOL, kernel_version
+from conftest import SLOW, VETH_PAGE_POOL, kernel_version
 
 from netmemtrace import demo, probes
 from netmemtrace.session import Session
@@ -99,7 +99,7 @@ def test_function_probes_attach_and_run(mechanism: str) -> None:
         with child_memcg() as memcg:
             if memcg is not None:
                 out = subprocess.run([sys.executable, "-c", LOOPBACK_IN_CGROUP, str(memcg)],
-                                     capture_output=True, text=True, timeout=120, check=True)
+                                     capture_output=True, text=True, timeout=120 * SLOW, check=True)
                 assert int(out.stdout) == 1 << 20
             if VETH_POOLS:
                 with demo.VethTopology() as topo:

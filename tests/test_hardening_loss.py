@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SLOW
 from memcg_helpers import child_memcg
 from test_serve_live import Served, http_get, values
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
@@ -33,7 +33,7 @@ def test_map_sizes_knob_is_validated() -> None:
             options.map_sizes(bad)
     env = {**os.environ, options.MAP_SIZES_ENV: "netmem.netmems=two"}
     done = subprocess.run([*DUMP, "--duration", "0"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60 * SLOW)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
 
 
@@ -54,7 +54,7 @@ def dump_during(work: Callable[[], None], *args: str, duration: float = 6.0) -> 
     try:
         time.sleep(2.5)  # attached
         work()
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120 * SLOW)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -116,7 +116,7 @@ def test_holders_ring_overflow_reaches_metrics(monkeypatch) -> None:
             demo.VethTopology() as topo, demo.hold_unread(topo, 4 << 20) as held:
         assert held.held_bytes > 1 << 20
         topo.delete_link()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 * SLOW
         while metric(served, "netmemtrace_events_lost_total", object="holders",
                      counter="refs_lost") == 0:
             assert time.monotonic() < deadline, "no holders reference lost"

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SLOW
 from memcg_helpers import child_memcg
 from prometheus_client.exposition import choose_encoder
 from test_exporter import full_snapshot, memcg
@@ -75,7 +75,7 @@ def test_serve_and_dump_with_a_non_utf8_memcg(workload, netns) -> None:  # noqa:
             try:
                 held = w.totals["held_bytes"]
                 assert held > 0
-                out, err = dumping.communicate(timeout=60)
+                out, err = dumping.communicate(timeout=60 * SLOW)
                 assert dumping.returncode == 0, err
                 doc = json.loads(out.decode("utf-8"))  # strict
                 assert visible(rel) in [m["path"] for m in doc["memcgs"]]

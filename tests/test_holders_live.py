@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, flush_deferred_skbs
+from conftest import REPO, SLOW, flush_deferred_skbs
 from test_pagepool_live import RELEASE_RE, our_pool
 
 from netmemtrace import abi, cli, demo, explaincmd, probes
@@ -55,7 +55,7 @@ def settled(session: Session, topo: demo.VethTopology, trace, after: int = 0,
 
 def drained(session: Session, topo: demo.VethTopology, trace, hold: int) -> PoolSnapshot:
     """Run traffic on every CPU until the kernel frees the pool (bounded)."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30 * SLOW
     while True:
         flush_deferred_skbs()
         time.sleep(1.2)  # the kernel retries once a second
@@ -134,7 +134,7 @@ def pinned_stream(topo: demo.VethTopology, nbytes: int, tx_cpu: int, rx_cpu: int
     os.sched_setaffinity(0, {tx_cpu})
     try:
         with entered_netns(f"/run/netns/{topo.tx_netns}"):
-            client = socket.create_connection(server.getsockname(), timeout=30)
+            client = socket.create_connection(server.getsockname(), timeout=30 * SLOW)
         with client:
             client.sendall(bytes(nbytes))
     finally:
@@ -276,7 +276,7 @@ def test_explain_zombie_report(capsys) -> None:
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "netmemtrace.cli", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60 * SLOW)
 
 
 @pytest.mark.veth_page_pool

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+from conftest import SLOW, TIMINGS
 from test_serve_live import Served, basic, http_get
 
 from netmemtrace.http import server as http_server
@@ -40,11 +41,11 @@ def serving(max_connections: int = http_server.MAX_CONNECTIONS) -> Iterator[Expo
 
 
 def connect(srv: ExporterServer) -> socket.socket:
-    return socket.create_connection(srv.server_address[:2], timeout=5)
+    return socket.create_connection(srv.server_address[:2], timeout=5 * SLOW)
 
 
 def get(srv: ExporterServer, path: str = "/metrics") -> tuple[int, bytes]:
-    return http_get(f"{srv.url}{path}", timeout=2)[::2]
+    return http_get(f"{srv.url}{path}", timeout=2 * SLOW)[::2]
 
 
 def closed_by_server(sock: socket.socket, within_s: float) -> bool:
@@ -68,7 +69,7 @@ def test_a_client_dripping_header_lines_is_cut_at_the_deadline(monkeypatch) -> N
                 s.sendall(f"X-Drip-{i}: 1\r\n".encode())
                 time.sleep(0.2)
         assert closed_by_server(s, 3)
-        assert time.monotonic() - start < 3
+        assert not TIMINGS or time.monotonic() - start < 3
         assert get(srv)[0] == 200
 
 
@@ -102,7 +103,7 @@ def test_the_connection_cap_evicts_the_longest_idle() -> None:
             assert srv.connections() <= 20 and srv.evicted >= 40
             start = time.monotonic()
             assert get(srv) == (200, b"hello\n")
-            assert time.monotonic() - start < 1
+            assert not TIMINGS or time.monotonic() - start < 1
             # the oldest were the ones cut
             assert closed_by_server(idle[0], 1)
         finally:
@@ -181,17 +182,17 @@ def test_2000_idle_connections_cost_no_threads(many_files) -> None:
         idle = []
         try:
             for _ in range(2000):
-                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5 * SLOW))
             time.sleep(1)
             during = proc_status(pid)
             start = time.monotonic()
-            status, _, body = http_get(f"{served.url}/metrics", timeout=5)
+            status, _, body = http_get(f"{served.url}/metrics", timeout=5 * SLOW)
             took = time.monotonic() - start
         finally:
             for s in idle:
                 s.close()
         assert status == 200 and b"netmemtrace_page_pool" in body
-        assert took < 1.0, took
+        assert not TIMINGS or took < 1.0, took
         assert during["Threads"] <= before["Threads"] + 2, (before, during)
         assert during["VmRSS"] - before["VmRSS"] < 10_000, (before, during)  # kB
     finally:
@@ -214,7 +215,7 @@ def test_a_wrong_password_flood_stays_under_one_core(tmp_path: Path) -> None:
             req = urllib.request.Request(f"{served.url}/metrics",
                                          headers={"Authorization": f"Basic {token}"})
             try:
-                urllib.request.urlopen(req, timeout=10)
+                urllib.request.urlopen(req, timeout=10 * SLOW)
             except urllib.error.HTTPError as err:
                 refused[0] += err.code == 401
             except OSError:
@@ -239,7 +240,7 @@ def test_a_wrong_password_flood_stays_under_one_core(tmp_path: Path) -> None:
         for t in threads:
             t.join(15)
         assert refused[0] > 10
-        assert cores < 1.0, cores
+        assert not TIMINGS or cores < 1.0, cores
         assert slowest < 1.0, slowest
     finally:
         stop.set()

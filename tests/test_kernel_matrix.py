@@ -57,6 +57,7 @@ def test_probe_rows_are_sorted_into_the_tables_columns() -> None:
     assert row.absent == ["memcg/charge_skmem"] and row.off == ["netmem/netif_receive_skb"]
     assert row.failed == ["zerocopy/x: kprobe: attach failed: EINVAL"]
     assert row.objects["holders"].startswith("object not loaded")
+    assert row.objects["memcg"] == "" and set(row.objects) == set(matrix.OBJECTS)
     row.booted, row.tests["passed"] = True, 3
     assert not row.ok  # a failed hook and an object not loaded fail the kernel
     assert "3 passed" in matrix.table([row]) and "not holders" in matrix.table([row])

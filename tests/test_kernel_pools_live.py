@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kernel_version
+from conftest import REPO, SLOW, kernel_version
 
 from netmemtrace.session import Session
 
@@ -63,7 +63,7 @@ def kernel_truth() -> dict[str, dict]:
         cmd = [sys.executable, CLIENT]
         if label != "host":
             cmd = ["nsenter", f"--net={path}", *cmd]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30 * SLOW)
         if res.returncode:
             continue  # a netns deleted meanwhile (another test's)
         out[label] = json.loads(res.stdout)
@@ -72,7 +72,7 @@ def kernel_truth() -> dict[str, dict]:
 
 def tool_dump() -> dict:
     res = subprocess.run([sys.executable, "-m", "netmemtrace.cli", "dump", "--duration", "0.2"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+                         capture_output=True, text=True, timeout=120 * SLOW, cwd=REPO)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -92,8 +92,8 @@ def tcp_between(ns_rx: str, addr_rx: str, ns_tx: str, nbytes: int) -> None:
         stack.callback(sink.kill)
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         subprocess.run(["ip", "netns", "exec", ns_tx, sys.executable, "-c", script],
-                       check=True, timeout=120)
-        sink.wait(timeout=120)
+                       check=True, timeout=120 * SLOW)
+        sink.wait(timeout=120 * SLOW)
 
 
 @contextlib.contextmanager
@@ -286,7 +286,7 @@ def test_zombie_of_an_unbound_virtio_nic() -> None:
         Path("/sys/bus/virtio/drivers/virtio_net/unbind").write_text(device)
         stack.callback(lambda: Path("/sys/bus/virtio/drivers/virtio_net/bind")
                        .write_text(device))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120 * SLOW
         while True:
             listed = {k: v for k, v in zombies_listed().items() if k not in before}
             # The tool reads boottime somewhere inside read(): bracket it (TCG is slow).
@@ -321,7 +321,7 @@ def test_zombie_of_an_unbound_virtio_nic() -> None:
         assert holding, "no zombie pool names the receiver's socket among its holders"
 
         res = subprocess.run([sys.executable, "-m", "netmemtrace.cli", "explain-zombie",
-                              str(holding[0])], capture_output=True, text=True, timeout=300,
+                              str(holding[0])], capture_output=True, text=True, timeout=300 * SLOW,
                              cwd=REPO)
         assert res.returncode == 0, res.stderr
         assert f"10.77.0.2:{ZOMBIE_PORT}" in res.stdout, res.stdout
@@ -330,7 +330,7 @@ def test_zombie_of_an_unbound_virtio_nic() -> None:
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert int(holder.stdout.readline()) >= queued
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120 * SLOW
         while True:  # the kernel retries a zombie's release once a second
             snap = session.read()
             left = [p for p in snap.pools if p.pool_id in listed and p.state == "zombie"]

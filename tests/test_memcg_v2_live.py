@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import SLOW
 from memcg_helpers import child_cgroup_v2, memory_stat
 
 from netmemtrace import abi, probes
@@ -198,7 +199,7 @@ def test_unaccepted_connection_is_charged_to_no_memcg_until_accept() -> None:
         s = ss_socket(rx.port)
         assert s is not None
         # Past memory.stat's lazy flush (~2 s): still nothing charged to A.
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 3 * SLOW
         while time.monotonic() < deadline:
             assert memory_stat(cg, "sock") == 0
             time.sleep(0.5)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, flush_deferred_skbs
+from conftest import REPO, SLOW, flush_deferred_skbs
 
 from netmemtrace import abi, demo, probes
 from netmemtrace.collect.netmem import NetmemReader, shared_maps
@@ -45,11 +45,11 @@ def test_devmem_syscalls_on_ordinary_sockets(netmem) -> None:
     _lo, reader = netmem
     _, before = _read(reader)
     done = subprocess.run([sys.executable, str(WORKLOAD)], check=True, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30 * SLOW)
     truth = json.loads(done.stdout)
     calls = truth["recvmsg"] + truth["dontneed"] + truth["udp_dontneed"]
     assert all(c["ret"] >= 0 or c["errno"] for c in calls)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * SLOW
     while True:  # the server socket is destroyed once its close handshake completes
         sockets, after = _read(reader)
         mine = [s for s in sockets if s.pid == truth["pid"]]
@@ -90,12 +90,12 @@ def xdp_frags(tmp_path_factory) -> Path:
 def _jumbo_frames(topo: demo.VethTopology, xdp_obj: Path) -> None:
     """Swap the demo's XDP program for a multi-buffer one and raise both MTUs."""
     ip = ["ip", "-n", topo.rx_netns, "link", "set", "dev", topo.rx_dev]
-    subprocess.run([*ip, "xdpdrv", "off"], check=True, timeout=10)
+    subprocess.run([*ip, "xdpdrv", "off"], check=True, timeout=10 * SLOW)
     subprocess.run([*ip, "xdpdrv", "obj", str(xdp_obj), "sec", "xdp.frags"], check=True,
-                   timeout=10)
+                   timeout=10 * SLOW)
     for netns, dev in ((topo.rx_netns, topo.rx_dev), (topo.tx_netns, topo.tx_dev)):
         subprocess.run(["ip", "-n", netns, "link", "set", "dev", dev, "mtu", "9000"],
-                       check=True, timeout=10)
+                       check=True, timeout=10 * SLOW)
 
 
 @pytest.mark.veth_page_pool
@@ -113,7 +113,7 @@ def test_veth_pool_tracked_netmem_match_kernel_inflight(xdp_frags: Path) -> None
             _jumbo_frames(topo, xdp_frags)
             assert demo.tcp_stream(topo, 32 << 20) == 32 << 20
             flush_deferred_skbs()
-            snap_pools = pools.read(time.monotonic_ns(), {})
+            snap_pools = pools.read(time.monotonic_ns(), Unavailable("not asked"))
             [rx] = [p for p in snap_pools if p.netdev == topo.rx_dev and p.state == "active"]
             [with_states], _sockets, summary = reader.read(time.monotonic_ns(), [rx])
             states = with_states.netmem_states

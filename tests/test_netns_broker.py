@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SLOW
 
 from netmemtrace import caps, demo, netns_broker
 from netmemtrace.collect import resolve
@@ -147,12 +147,12 @@ def test_drop_fails_if_a_thread_kept_capabilities() -> None:
             "threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); "
             "caps.drop_after_attach()")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30 * SLOW)
     assert done.returncode == 1 and "CapsError: threads kept capabilities" in done.stderr, \
         done.stderr
     code = ("import threading; from netmemtrace import caps; caps.drop_after_attach(); "
             "t = threading.Thread(target=lambda: None); t.start(); t.join(); "
             "print(sorted({s['CapEff'] for s in caps.task_caps().values()}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30 * SLOW)
     assert done.stdout.strip() == str([caps.mask_of(caps.KEEP)]), done.stderr

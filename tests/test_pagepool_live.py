@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import flush_deferred_skbs
+from conftest import SLOW, flush_deferred_skbs
 
 from netmemtrace import demo
 from netmemtrace.session import Session
@@ -48,7 +48,7 @@ def test_veth_pool_matches_kernel_counters(trace_instance) -> None:
             topo.delete_link()
             # Pages of freed skbs may wait in per-CPU deferred lists: drain them, bounded.
             # The kernel retries the release once a second until inflight reaches 0.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 30 * SLOW
             while (kernel_final_release(trace) or (1,))[0] != 0 or \
                     our_pool(session.read(), topo.rx_dev).state != "released":
                 assert time.monotonic() < deadline, "pool never released"

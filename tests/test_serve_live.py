@@ -29,7 +29,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import REPO, bpf_prog_ids
+from conftest import REPO, SLOW, TIMINGS, bpf_prog_ids
 from memcg_helpers import child_memcg
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
@@ -44,7 +44,7 @@ from netmemtrace.serve import SnapshotCache, parse_listen
 
 SERVE = [sys.executable, "-m", "netmemtrace.cli", "serve"]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
-STARTUP_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 30.0 * SLOW
 
 
 def free_port() -> int:
@@ -91,7 +91,7 @@ class Served:
                 raise AssertionError(f"serve exited {self.proc.returncode}: "
                                      f"{self.proc.stderr.read()}")
             try:
-                if http_get(f"{self.url}/healthz", context=context, timeout=2)[0] == 200:
+                if http_get(f"{self.url}/healthz", context=context, timeout=2 * SLOW)[0] == 200:
                     return
             except OSError:
                 pass
@@ -132,7 +132,7 @@ class Prometheus:
              f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.wait_for(lambda: http_get(f"{self.url}/-/ready", timeout=2)[0] == 200, "ready")
+        self.wait_for(lambda: http_get(f"{self.url}/-/ready", timeout=2 * SLOW)[0] == 200, "ready")
 
     def wait_for(self, check, what: str, timeout: float = 30.0):
         deadline = time.monotonic() + timeout
@@ -186,7 +186,7 @@ def bpf_ids(pid: int) -> tuple[set[int], set[int]]:
 def bpf_link_ids() -> set[int]:
     """Ids of every BPF link in the kernel, per bpftool."""
     out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
-                         check=True, timeout=30).stdout
+                         check=True, timeout=30 * SLOW).stdout
     return {entry["id"] for entry in json.loads(out or "[]")}
 
 
@@ -271,11 +271,11 @@ def test_malformed_web_config_exits_2_with_one_line(tmp_path: Path) -> None:
     start = time.monotonic()
     done = subprocess.run([*SERVE, "--listen", f"127.0.0.1:{free_port()}",
                            "--web-config-file", config], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=30 * SLOW)
     assert done.returncode == 2, done
     assert done.stderr.strip().count("\n") == 0, done.stderr  # one line, no traceback
     assert "basic_auth_users.prom is not a bcrypt hash" in done.stderr
-    assert time.monotonic() - start < 10  # refused before loading any BPF
+    assert not TIMINGS or time.monotonic() - start < 10  # refused before loading any BPF
 
 
 def test_taken_port_exits_2(tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ def test_taken_port_exits_2(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         done = subprocess.run([*SERVE, "--listen", f"127.0.0.1:{port}"], cwd=REPO,
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30 * SLOW)
     assert done.returncode == 2, done
     assert f"--listen 127.0.0.1:{port}: Address already in use" in done.stderr
 
@@ -300,7 +300,7 @@ def traced() -> Iterator[tuple[Served, demo.VethTopology, demo.HeldConnection]]:
         with demo.VethTopology() as topo, demo.hold_unread(topo, 4 << 20) as held:
             assert held.held_bytes > 0
             # The cached snapshot may predate the pool: wait for a refresh that shows it.
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10 * SLOW
             while not pool_series(http_get(f"{served.url}/metrics")[2], topo,
                                   "netmemtrace_page_pool_inflight_pages"):
                 assert time.monotonic() < deadline, "pool never appeared in /metrics"
@@ -348,7 +348,7 @@ def test_real_scrape_passes_promtool_check_metrics(traced) -> None:
     served, _topo, _held = traced
     body = http_get(f"{served.url}/metrics")[2]
     done = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
-                          timeout=30)
+                          timeout=30 * SLOW)
     assert done.returncode == 0 and not done.stdout and not done.stderr, done
 
 
@@ -457,9 +457,9 @@ def test_200_concurrent_scrapes_while_tracing(traced) -> None:
         def scrape(i: int) -> tuple[int, bool]:
             openmetrics = i % 2 == 0
             headers = {"Accept": OPENMETRICS} if openmetrics else {}
-            barrier.wait(timeout=10)
+            barrier.wait(timeout=10 * SLOW)
             status, resp_headers, body = http_get(f"{served.url}/metrics", headers,
-                                                  timeout=10)
+                                                  timeout=10 * SLOW)
             complete = (len(body) == int(resp_headers["Content-Length"])
                         and (body.endswith(b"# EOF\n") if openmetrics
                              else b"netmemtrace_figure_unavailable_info" in body)
@@ -475,9 +475,9 @@ def test_200_concurrent_scrapes_while_tracing(traced) -> None:
         traffic.join(30)
     assert [s for s, _ in results] == [200] * 200
     assert all(ok for _, ok in results)
-    assert elapsed < 10.0, f"200 concurrent scrapes took {elapsed:.1f} s"
+    assert not TIMINGS or elapsed < 10.0, f"200 concurrent scrapes took {elapsed:.1f} s"
     # Every connection was closed: the fd count returns to where it was.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 5 * SLOW
     while open_fds(pid) > fds_before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert open_fds(pid) <= fds_before
@@ -497,7 +497,7 @@ def test_signal_detaches_everything_and_exits_0(sig: int) -> None:
     finally:
         served.close()
     assert rc == 0, err
-    assert seconds < 2.0, f"exit took {seconds:.2f} s"
+    assert not TIMINGS or seconds < 2.0, f"exit took {seconds:.2f} s"
     assert not progs & bpf_prog_ids(), "BPF programs left loaded"
     assert not links & bpf_link_ids(), "BPF links left attached"
     assert "Traceback" not in err
@@ -539,7 +539,7 @@ def tls_dir() -> Iterator[Path]:
              "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(path / "key.pem"),
              "-out", str(path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
              "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-            check=True, capture_output=True, timeout=30)
+            check=True, capture_output=True, timeout=30 * SLOW)
         hashed = bcrypt.hashpw(b"s3cret pass", bcrypt.gensalt(rounds=10)).decode()
         # Relative paths: resolved against the config file's directory (exporter-toolkit).
         write(path / "web.yml",
@@ -601,7 +601,7 @@ def test_zerocopy_reader_in_a_child_memcg_is_exported(traced, workload, netns  #
                 return [v for lab, v in values(body, name)
                         if all(lab.get(k) == x for k, x in labels.items())]
 
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10 * SLOW
             while True:
                 body = http_get(f"{served.url}/metrics")[2]
                 mine = series(body, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel)
@@ -619,7 +619,7 @@ def test_zerocopy_reader_in_a_child_memcg_is_exported(traced, workload, netns  #
                            if lab["cgroup"] == rel}
             assert "netmemtrace_memcg_would_be_charged_bytes" in unavailable
             done = subprocess.run(["promtool", "check", "metrics"], input=body,
-                                  capture_output=True, timeout=30)
+                                  capture_output=True, timeout=30 * SLOW)
             assert done.returncode == 0 and not done.stdout and not done.stderr, done
         finally:
             w.stop()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bpf_prog_ids, prog_ids_held_by
+from conftest import REPO, SLOW, bpf_prog_ids, prog_ids_held_by
 from test_demo import _pool_releases
 from test_top import Frame, parse_frames, top_command
 
@@ -56,7 +56,7 @@ class Traffic:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=60 * SLOW)
         assert not self._thread.is_alive() and not self.errors, self.errors
 
 
@@ -88,7 +88,7 @@ class BatchTop:
         return took
 
     def finish(self) -> list[Frame]:
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=30 * SLOW)
         assert self.proc.returncode == 0, self.err.read_text()
         return parse_frames(self.out.read_text())
 
@@ -100,7 +100,7 @@ class BatchTop:
 
 @pytest.mark.veth_page_pool
 def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
-    run = BatchTop(tmp_path, "--count", "2", "--interval", "1")
+    run = BatchTop(tmp_path, "--count", "2", "--interval", f"{SLOW:g}")
     try:
         # A frame right after attach; its time is measured by bench/, not asserted here.
         run.first_frame_s()
@@ -177,7 +177,7 @@ class Tmux:
         # the test runner would override the pane's size in curses.
         env = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
         return subprocess.run(["tmux", "-S", self.socket, *args], check=True, env=env,
-                              capture_output=True, text=True, timeout=10).stdout
+                              capture_output=True, text=True, timeout=10 * SLOW).stdout
 
     def screen(self) -> list[str]:
         return self._tmux("capture-pane", "-p", "-t", "top").splitlines()
@@ -216,7 +216,7 @@ class Tmux:
         with contextlib.suppress(subprocess.CalledProcessError, ProcessLookupError):
             os.killpg(int(self.pane("#{pane_pid}")), signal.SIGKILL)
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True,
-                       timeout=10)
+                       timeout=10 * SLOW)
 
 
 @pytest.fixture
@@ -296,11 +296,11 @@ def test_interactive_in_a_terminal(tmux_top: Tmux) -> None:
             traffic.stop()
     term.keys("q")
     wait_for("top to exit", lambda: term.status_file.exists()
-             and term.status_file.read_text().endswith("\n"), timeout=10)
+             and term.status_file.read_text().endswith("\n"), timeout=10 * SLOW)
     assert term.status_file.read_text() == "0\n"
     # Every program it loaded is gone with it (the kernel frees them shortly after the
     # last fd closes, hence the wait).
-    wait_for("its BPF programs to be freed", lambda: not ours & bpf_prog_ids(), timeout=10,
+    wait_for("its BPF programs to be freed", lambda: not ours & bpf_prog_ids(), timeout=10 * SLOW,
              show=lambda: ours & bpf_prog_ids())
 
 
@@ -308,9 +308,9 @@ def test_without_privileges_the_same_error_as_other_commands() -> None:
     # root without capabilities: the effective, permitted and bounding sets all emptied.
     drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
     top_run = subprocess.run([*drop, *top_command("--batch", "--count", "1")], cwd=REPO,
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30 * SLOW)
     probes_run = subprocess.run([*drop, sys.executable, "-m", "netmemtrace.cli", "probes"],
-                                cwd=REPO, capture_output=True, text=True, timeout=30)
+                                cwd=REPO, capture_output=True, text=True, timeout=30 * SLOW)
     assert top_run.returncode == probes_run.returncode == 2
     assert top_run.stdout == ""
     assert top_run.stderr == probes_run.stderr

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SLOW
 from memcg_helpers import child_memcg
 
 from netmemtrace import abi, probes
-from netmemtrace.collect import zerocopy
+from netmemtrace.collect import cgroups, zerocopy
 from netmemtrace.collect.memcg import MemcgCollector
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
@@ -143,6 +143,9 @@ def test_totals_and_attribution_match_the_workload(session, workload, netns) -> 
 
 
 def test_v1_without_tcp_limit_is_inactive_not_zero(session, workload, netns) -> None:
+    if cgroups.memory_hierarchy() != "v1":
+        pytest.xfail("cgroup v1 only: v2 always charges socket memory, there is no "
+                     "memory.kmem.tcp.limit_in_bytes to leave unset")
     with child_memcg("inactive") as (d, rel):
         w = Workload(workload, netns, d, "1000000", "reuse")
         try:
@@ -237,7 +240,7 @@ def exited_workload(workload: str, netns: str, memcg_dir: Path) -> dict:
     w.command("munmap")
     w.proc.stdin.write("exit\n")
     w.proc.stdin.flush()
-    assert w.proc.wait(timeout=10) == 0
+    assert w.proc.wait(timeout=10 * SLOW) == 0
     return w.totals
 
 
@@ -252,7 +255,7 @@ def test_dump_reports_a_process_that_exited_in_its_window(workload, netns) -> No
             assert "probes attached" in dump.stderr.readline()
             start = time.monotonic_ns()
             totals = exited_workload(workload, netns, d)
-            out, err = dump.communicate(timeout=30)
+            out, err = dump.communicate(timeout=30 * SLOW)
         finally:
             if dump.poll() is None:
                 dump.kill()
@@ -282,13 +285,13 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
         with child_memcg("retention") as (d, rel):
             first = exited_workload(workload, netns, d)
             second = exited_workload(workload, netns, d)
-            memcgs, stats = collector.read(time.monotonic_ns())
+            memcgs, stats, _unaccepted = collector.read(time.monotonic_ns())
             (m,) = [m for m in memcgs if m.path == rel]
             assert [(p.pid, p.exited) for p in m.processes] == [(second["pid"], True)]
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
                     stats.exited_rows_expired) == (1, 1, 0)
             assert m.zerocopy.tx_zc_bytes == first["tx_zc_bytes"] + second["tx_zc_bytes"]
-            memcgs, stats = collector.read(time.monotonic_ns() + int(2.5e9))
+            memcgs, stats, _unaccepted = collector.read(time.monotonic_ns() + int(2.5e9))
             (m,) = [m for m in memcgs if m.path == rel]
             assert m.processes == ()
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
@@ -372,7 +375,7 @@ def test_every_syscall_mechanism_matches_the_workload(workload, netns, mechanism
             spin = Workload(workload, netns, d, "0", "spin")
             time.sleep(0.2)
             spin.stop()  # SIGKILL, most likely inside a getsockopt
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 5 * SLOW
         while pending_threads(lo.obj) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pending_threads(lo.obj) == 0
@@ -420,7 +423,7 @@ def test_top_keeps_an_exited_process_marked(workload, netns) -> None:
             while not top_run.stdout.readline().startswith("netmemtrace top - "):
                 pass  # the first frame: attached
             totals = exited_workload(workload, netns, d)
-            out, err = top_run.communicate(timeout=30)
+            out, err = top_run.communicate(timeout=30 * SLOW)
         finally:
             if top_run.poll() is None:
                 top_run.kill()

@@ -68,12 +68,13 @@ class Row:
 
 def classify(row: Row, probes: list[dict]) -> None:
     """Sort `probes` rows: attached (by mechanism), not in this kernel, off by choice,
-    failed. An object that did not load is one row with hook "(object)"."""
+    failed. An object that did not load is one row with hook "(object)"; every other
+    object loaded (the holders object has iterators only, so no hook rows)."""
+    row.objects = dict.fromkeys(OBJECTS, "")
     for p in probes:
         if p["hook"] == "(object)":
             row.objects[p["object"]] = p["reason"]
             continue
-        row.objects.setdefault(p["object"], "")
         name = f"{p['object']}/{p['hook']}"
         if p["attached"]:
             row.by_mech[p["mechanism"]] += 1
