@@ -9,6 +9,7 @@ type this encoder does not write goes to prometheus_client's encoder through to_
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -96,16 +97,19 @@ class _Labels:
     starts a generation (rotate()) and takes what it finds in the previous one; only the
     label sets the last two renders used are kept, so gone pools and cgroups are forgotten.
     A text depends on nothing but its names and values, so renders in two threads at once
-    are still right (at worst one misses the other's work)."""
+    are still right (at worst one misses the other's work); the lock only keeps rotate()
+    from walking the generation while another render adds a tuple of names to it."""
 
     def __init__(self) -> None:
         self._escaped = _Escaped()
         self._by_names: dict[tuple[str, ...], tuple[str, Texts, Texts]] = {}
+        self._lock = threading.Lock()
 
     def rotate(self) -> None:
-        self._escaped = _Escaped()
-        self._by_names = {names: (fmt, {}, now)
-                          for names, (fmt, now, _old) in self._by_names.items()}
+        with self._lock:
+            self._escaped = _Escaped()
+            self._by_names = {names: (fmt, {}, now)
+                              for names, (fmt, now, _old) in self._by_names.items()}
 
     def of(self, names: tuple[str, ...]) -> tuple[str, Texts, Texts]:
         """(format string, texts of this generation, of the previous one) of label names."""
@@ -114,7 +118,8 @@ class _Labels:
             order = sorted(range(len(names)), key=names.__getitem__)
             fmt = "{{" + ",".join(f'{names[i]}="{{{i}}}"' for i in order) + "}}" \
                 if names else ""
-            entry = self._by_names[names] = (fmt, {}, {})
+            with self._lock:
+                entry = self._by_names.setdefault(names, (fmt, {}, {}))
         return entry
 
     def text(self, names: tuple[str, ...], values: tuple[str, ...]) -> str:
