@@ -65,7 +65,7 @@ def _hook_programs(label: str, loaded: list[probes.LoadedObject]) -> Contestant:
                 c = hook.chosen
                 # Objects may name their programs alike (one hook each on one tracepoint).
                 name = f"{lo.name}:{c.program}"
-                progs.append(Program(label, name, c.tracepoint.rpartition("/")[2],
+                progs.append(Program(label, name, c.target.rpartition("/")[2],
                                      c.mechanism))
                 handles[name] = lo.obj.programs[c.program]
 

@@ -194,8 +194,7 @@ def synthetic_snapshot(n_pools: int = SYNTHETIC_POOLS,
     return Snapshot(
         taken_monotonic_ns=time.monotonic_ns(), taken_unix_s=time.time(), host="synthetic",
         kernel_release="6.18.0", probes=probes, pools=tuple(pools),
-        self_stats=SelfStats(snapshot_build_ns=50_000_000, pool_map_full_total=0,
-                             retired_map_full_total=0, prog_run_time_ns=progs,
+        self_stats=SelfStats(snapshot_build_ns=50_000_000, prog_run_time_ns=progs,
                              prog_run_cnt=progs),
         memcgs=tuple(memcgs))
 
@@ -245,7 +244,7 @@ def scrape_render() -> dict[str, object]:
         from netmemtrace.http.webconfig import WebConfig
         from netmemtrace.serve import OPENMETRICS_ACCEPT, Expositions, Health, SnapshotCache
         from netmemtrace.serve import _routes as routes
-        from netmemtrace.views.exporter import SnapshotCollector
+        from netmemtrace.views.prometheus.collector import SnapshotCollector
     except ImportError as exc:
         return {"skipped": f"netmemtrace.serve not importable: {exc}"}
 

@@ -185,7 +185,7 @@ enum zc_event_type {
 
 /* One ledger event, sent through the zc_events ring buffer at syscall rate. */
 struct zc_event {
-	__u32 type;			/* enum zc_event_type */
+	enum zc_event_type type;	/* an enum-typed member puts the enum in BTF */
 	__u32 tgid;
 	__u64 cgroup_id;
 	__u64 ts_ns;			/* bpf_ktime_get_ns() */
@@ -364,13 +364,13 @@ struct holder_page {
 	__u64 owner;			/* struct sock *, CPU number, or pool for the ring */
 	__u64 pool;
 	__u64 netmem;			/* netmem_ref: the page's identity (deduplicated later) */
-	__u32 where;			/* enum holder_where */
+	enum holder_where where;
 	__u32 pad;
 };
 
 /* A socket with references to zombie pools, or whose queues were cut at the bound. */
 struct holder_sock {
-	__u32 type;			/* HOLDER_REC_SOCK */
+	enum holder_rec_type type;	/* HOLDER_REC_SOCK */
 	__u16 family;			/* AF_INET / AF_INET6 */
 	__u16 protocol;			/* IPPROTO_TCP / IPPROTO_UDP */
 	__u64 sk;
@@ -392,7 +392,7 @@ struct holder_sock {
 
 /* One CPU's deferred-free lists (all NUMA nodes' lists on 6.18+). */
 struct holder_cpu {
-	__u32 type;			/* HOLDER_REC_CPU */
+	enum holder_rec_type type;	/* HOLDER_REC_CPU */
 	__u32 cpu;
 	__s64 defer_count;		/* the kernel's own counter (it may exceed the list) */
 	__u64 rx_processed;		/* softnet_data.processed: packets received on this CPU */
@@ -404,7 +404,7 @@ struct holder_cpu {
 
 /* One zombie pool: its ring and the kernel's own retry state. */
 struct holder_pool {
-	__u32 type;			/* HOLDER_REC_POOL */
+	enum holder_rec_type type;	/* HOLDER_REC_POOL */
 	__u32 ring_size;
 	__u64 pool;
 	__u64 destroy_cnt;		/* page_pool_release calls so far (destroy + retries) */
@@ -417,7 +417,7 @@ struct holder_pool {
 /* An order-0 slab on a cache's partial list and a free object in it: calibrates
  * virt_to_page(). */
 struct holder_slab {
-	__u32 type;			/* HOLDER_REC_SLAB */
+	enum holder_rec_type type;	/* HOLDER_REC_SLAB */
 	__u32 pad;
 	__u64 slab;			/* struct slab, i.e. the slab's struct page */
 	__u64 object;			/* a virtual address inside that slab */
@@ -426,7 +426,7 @@ struct holder_slab {
 
 /* The sysctl table entry behind an open /proc/sys file: locates net_hotdata. */
 struct holder_sysctl {
-	__u32 type;			/* HOLDER_REC_SYSCTL */
+	enum holder_rec_type type;	/* HOLDER_REC_SYSCTL */
 	__u32 pad;
 	__u64 data;			/* ctl_table.data */
 	__u64 net_hotdata;		/* data - offsetof(struct net_hotdata, sysctl_skb_defer_max) */

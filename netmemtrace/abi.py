@@ -51,6 +51,18 @@ class Btf:
             raise AbiError(f"struct {name} not in the BPF object's BTF")
         return self._ctype(t["id"])
 
+    def enum(self, name: str, prefix: str = "") -> dict[str, int]:
+        """name -> value of an enum, names without prefix (with prefix "ZC_EV_",
+        ZC_EV_RX_MAP is "RX_MAP")."""
+        t = self._by_name.get(("ENUM", name))
+        if t is None:
+            raise AbiError(f"enum {name} not in the BPF object's BTF")
+        return {v["name"].removeprefix(prefix): v["val"] for v in t["values"]}
+
+    def names(self, kind: str) -> list[str]:
+        """Every named type of a kind ("STRUCT", "ENUM")."""
+        return [name for k, name in self._by_name if k == kind]
+
     def _ctype(self, type_id: int) -> Any:
         if type_id not in self._cache:
             self._cache[type_id] = self._build(self._by_id[type_id])
@@ -107,6 +119,31 @@ def btf(object_name: str) -> Btf:
 
 def decode(cls: type[ctypes.Structure], raw: bytes) -> ctypes.Structure:
     return cls.from_buffer_copy(raw[: ctypes.sizeof(cls)])
+
+
+def fields(cls: type[ctypes.Structure]) -> list[str]:
+    """A struct's member names, padding left out."""
+    return [name for name, _ in cls._fields_ if not name.startswith("_pad")]
+
+
+def counters(cls: type[ctypes.Structure], values: list[bytes]) -> dict[str, int]:
+    """Every member of a struct of counters, summed over values (one per CPU)."""
+    decoded = [decode(cls, v) for v in values]
+    return {name: sum(getattr(d, name) for d in decoded) for name in fields(cls)}
+
+
+class Stats:
+    """The `*_stats` map of an object: one entry (key 0), a struct of __u64 counters of the
+    map's own name, per CPU or shared. What the BPF side dropped or counted beside its maps;
+    read generically, so a counter added to the struct needs no Python edit."""
+
+    def __init__(self, object_name: str, bpf_map: Any) -> None:
+        self._cls = btf(object_name).struct(bpf_map.name)
+        self._map = bpf_map
+
+    def read(self) -> dict[str, int]:
+        values = self._map.lookup_per_cpu(ctypes.c_uint32(0))
+        return counters(self._cls, values or [])
 
 
 def to_dict(value: Any) -> Any:

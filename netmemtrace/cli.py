@@ -14,7 +14,7 @@ from types import FrameType, ModuleType
 from typing import NoReturn
 
 from . import __version__, abi, demo, libbpf, options, probes
-from .collect import cgroups, memcg, zerocopy
+from .collect import cgroups, zerocopy
 from .collect.netmem import DEFAULT_SAMPLE_N
 from .session import open_session
 from .views.text import align_columns, pool_summary, verify_table
@@ -103,8 +103,11 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "kernel, probes, pools (with netmem states and zombie "
                                    "holders), memcgs (with every process seen making "
                                    "zerocopy calls, exited ones marked with their exit "
-                                   "age), devmem_sockets, netmem, self_stats, "
-                                   "errors. Every field, its unit and meaning: README.md. A "
+                                   "age), devmem_sockets, netmem, self_stats, stats "
+                                   "(every BPF counter by object; names ending _full, "
+                                   "_lost, _truncated count losses), collectors (each "
+                                   "one's success and time), errors (collector, message). "
+                                   "Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')
     d.add_argument("--duration", type=options.DUMP_DURATION, default=1.0, metavar="S",
@@ -176,7 +179,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt, _Terminate):
             time.sleep(args.duration)
         whole = session.read()
-    snap = memcg.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
+    snap = dump.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
     if output:
         with output:
             output.write(dump.render(snap) + "\n")
@@ -192,7 +195,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         # Like grep: the document is still printed, the exit status says nothing matched
         # (2 stays for errors: nothing was wrong with the trace itself).
         resolver = cgroups.CgroupResolver.for_memory()
-        print("netmemtrace: " + memcg.no_match_reason(
+        print("netmemtrace: " + dump.no_match_reason(
             whole, args.cgroup, args.pid, resolver.mount if resolver else None),
             file=sys.stderr)
         return 1

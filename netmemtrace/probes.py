@@ -37,7 +37,7 @@ class SetupError(RuntimeError):
 class Candidate:
     mechanism: str
     program: str
-    tracepoint: str  # "category/name" for tracepoints, the function name for function probes
+    target: str  # "category/name" for tracepoints, the function name for function probes
     failure: str | None = None
 
 
@@ -105,7 +105,7 @@ def read_catalogue(path: str, btf_path: str | None = None) -> dict[str, Hook]:
 
 def function_targets(hooks: dict[str, Hook]) -> set[str]:
     """Kernel functions the hooks' fentry/kprobe programs attach to."""
-    return {c.tracepoint for h in hooks.values() for c in h.candidates
+    return {c.target for h in hooks.values() for c in h.candidates
             if c.mechanism in ("fentry", "kprobe")}
 
 
@@ -182,7 +182,7 @@ class Kernel:
 
     def static_check(self, cand: Candidate) -> str | None:
         """Why the candidate cannot work on this kernel, decided without loading anything."""
-        mech, target = cand.mechanism, cand.tracepoint
+        mech, target = cand.mechanism, cand.target
         if mech not in self.allowed:
             return f"not allowed (--mechanisms {','.join(self.allowed)})"
         if mech in self.refused:

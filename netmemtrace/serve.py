@@ -27,13 +27,13 @@ from typing import Any
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import options
 from .http.server import ExporterServer, Request, Response
 from .session import open_session
-from .views.exporter import SnapshotCollector, render
+from .views.prometheus.collector import SnapshotCollector, families_of
+from .views.prometheus.encode import Family, render
 
 # Loopback by default: the exporter serves unauthenticated HTTP unless a web config says
 # otherwise, so exposing it to the network is an explicit choice (--listen :9435).
@@ -64,7 +64,7 @@ class Exposition:
 
     def __init__(self, collectors: list[Collector], prerender: dict[Variant, Encoder]
                  ) -> None:
-        self.families: list[Metric] = [m for c in collectors for m in c.collect()]
+        self.families: list[Family] = [f for c in collectors for f in families_of(c)]
         self.served: dict[Variant, Encoder] = {}  # variants scrapes asked for
         self._bodies: dict[Variant, bytes] = {}
         self._lock = threading.Lock()

@@ -12,8 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
 
 from . import abi, caps, kallsyms, libbpf, netns_broker, options, probes
 from .collect import netlink, resolve, zerocopy
@@ -27,12 +26,24 @@ from .collect.netmem import (
     sample_threshold,
 )
 from .collect.pagepool import PagePoolReader, device_summaries
-from .snapshot import SelfStats, Snapshot, Unavailable
+from .snapshot import (
+    CollectorError,
+    CollectorRun,
+    DeviceSummary,
+    DevmemSocket,
+    MemcgSelfStats,
+    MemcgSnapshot,
+    NetmemSummary,
+    PoolSnapshot,
+    SelfStats,
+    Snapshot,
+    UnacceptedSocket,
+    Unavailable,
+)
 
-T = TypeVar("T")
 _libc = ctypes.CDLL(None)
-# The only per-packet probe: ~125 ns over the empty-program floor on every received skb
-# (bench/), which cost more throughput than every other probe together. Opt-in.
+# The only per-packet probe, on every received skb: it cost more throughput than every other
+# probe together (bench/README.md, netif_receive_skb). Opt-in.
 STACK_OFF = {"netif_receive_skb": "off by default (the per-packet probe, ~125 ns per skb), "
              "turn on with --netmem-stack"}
 
@@ -72,7 +83,8 @@ def _load_zerocopy(spec: ObjectSpec, opts: LoadOptions,
 class ObjectSpec:
     """How one BPF object loads. after: the object it loads after, in the same thread;
     shared: that object's maps this one uses instead of its own; off_unless_stack: hooks
-    left off without --netmem-stack."""
+    left off without --netmem-stack; stats: its map of counters (abi.Stats), read into
+    Snapshot.stats[name]."""
 
     name: str
     load: Callable[[ObjectSpec, LoadOptions, probes.LoadedObject | None],
@@ -80,18 +92,84 @@ class ObjectSpec:
     after: str | None = None
     shared: tuple[str, ...] = ()
     off_unless_stack: dict[str, str] | None = None
+    stats: str | None = None
 
 
 # In the order `probes` lists them; they start loading in reverse (holders' iterators take
 # longest to verify).
 OBJECT_SPECS = (
-    ObjectSpec("pagepool"),
-    ObjectSpec("memcg"),
-    ObjectSpec("zerocopy", load=_load_zerocopy),
+    ObjectSpec("pagepool", stats="pagepool_stats"),
+    ObjectSpec("memcg", stats="memcg_stats"),
+    ObjectSpec("zerocopy", load=_load_zerocopy, stats="zc_stats"),
     # One netmem table, filled by the pagepool object's programs on page_pool events.
-    ObjectSpec("netmem", after="pagepool", shared=SHARED_MAPS, off_unless_stack=STACK_OFF),
+    ObjectSpec("netmem", after="pagepool", shared=SHARED_MAPS, off_unless_stack=STACK_OFF,
+               stats="netmem_stats"),
+    # Its counters are per scan: the collector sums them (HoldersCollector.totals).
     ObjectSpec("holders"),
 )
+
+
+@dataclass
+class Draft:
+    """The snapshot a read is building. Each collector fills in its part, in order (later
+    ones build on earlier ones' pools); what a failing collector leaves is what the snapshot
+    says for it."""
+
+    now_ns: int
+    netmem: NetmemSummary | Unavailable
+    kernel_pools: netlink.KernelView | Unavailable = Unavailable("netlink not read")
+    pools: list[PoolSnapshot] = field(default_factory=list)
+    devmem_sockets: tuple[DevmemSocket, ...] = ()
+    memcgs: tuple[MemcgSnapshot, ...] = ()
+    memcg_self: MemcgSelfStats | None = None
+    unaccepted_sockets: tuple[UnacceptedSocket, ...] | Unavailable = Unavailable(
+        "the memcg collector failed: see errors")
+    devices: tuple[DeviceSummary, ...] = ()
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    prog_run_time_ns: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
+    prog_run_cnt: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
+    errors: list[CollectorError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Collector:
+    """One part of a read: its name (the `collector` of errors and of
+    netmemtrace_scrape_collector_*) and what it fills in."""
+
+    name: str
+    collect: Callable[[Draft], None]
+
+
+def run(collectors: tuple[Collector, ...], d: Draft) -> tuple[CollectorRun, ...]:
+    """Every collector in turn, each timed. One that fails is named in d.errors and the
+    others still run: a failing collector never fails the snapshot."""
+    runs = []
+    for c in collectors:
+        began = time.monotonic_ns()
+        try:
+            c.collect(d)
+        except Exception as exc:  # noqa: PERF203 (the next collector runs all the same)
+            d.errors.append(CollectorError(c.name, str(exc)))
+            ok = False
+        else:
+            ok = True
+        runs.append(CollectorRun(c.name, ok, time.monotonic_ns() - began))
+    return tuple(runs)
+
+
+def _kernel_view(d: Draft) -> None:
+    try:
+        d.kernel_pools = resolve.kernel_view()
+    except Exception as exc:  # kernel < 6.8 has no netdev family: unavailable, not empty
+        d.kernel_pools = Unavailable(f"netdev netlink page-pool-get failed: {exc}")
+        return
+    d.errors.extend(CollectorError("netlink", f"netns {f}") for f in d.kernel_pools.failed)
+
+
+def _devices(d: Draft) -> None:
+    d.devices = device_summaries(d.pools)
+
+
 
 
 def _load_one(spec: ObjectSpec, opts: LoadOptions, parent: probes.LoadedObject | None
@@ -156,8 +234,11 @@ class Session:
             if "holders" in lo:
                 # Iterators run only from read(), and only while a zombie pool exists.
                 self._holders = HoldersCollector(lo["holders"].obj)
+            self._stats = {spec.name: abi.Stats(spec.name, lo[spec.name].obj.map(spec.stats))
+                           for spec in OBJECT_SPECS if spec.stats and spec.name in lo}
+            self.collectors = self._collectors()
             # The readers hold their ctypes layouts now: drop the parsed BTF dumps and hand
-            # libbpf's freed load-time heap back (~4 MB of RSS, bench/).
+            # libbpf's freed load-time heap back (RSS: bench/README.md).
             abi.btf.cache_clear()
             _libc.malloc_trim(0)
             if start_threads:
@@ -219,69 +300,75 @@ class Session:
     def probe_status(self) -> list[probes.ProbeStatus]:
         return [s for lo in self.loaded for s in lo.status()] + self.failed
 
-    def read(self) -> Snapshot:
-        """One snapshot. A collector that fails is named in errors; the others still report."""
-        start = time.monotonic_ns()
-        errors: list[str] = []
+    def _collectors(self) -> tuple[Collector, ...]:
+        """What read() runs, in order, for the objects that loaded."""
+        pagepool, netmem, holders, memcg = self._pagepool, self._netmem, self._holders, \
+            self._memcg
+        steps = [Collector("netlink", _kernel_view)]
+        if pagepool:
+            def pools(d: Draft) -> None:
+                d.pools = pagepool.read(d.now_ns, d.kernel_pools)
+            steps.append(Collector("page_pool", pools))
+        if netmem:
+            def states(d: Draft) -> None:
+                d.pools, d.devmem_sockets, d.netmem = netmem.read(d.now_ns, d.pools)
+            steps.append(Collector("netmem", states))
+        if holders:
+            def held(d: Draft) -> None:
+                d.pools = holders.annotate(d.pools)
+                d.stats["holders"] = dict(holders.totals)
+            steps.append(Collector("holders", held))
+        if memcg:
+            def memcgs(d: Draft) -> None:
+                d.memcgs, d.memcg_self, d.unaccepted_sockets = memcg.read(d.now_ns)
+            steps.append(Collector("memcg", memcgs))
+        steps += [Collector("devices", _devices), Collector("stats", self._read_stats),
+                  Collector("programs", self._read_programs)]
+        return tuple(steps)
 
-        def guarded(what: str, fn: Callable[[], T], fallback: T) -> T:
-            try:
-                return fn()
-            except Exception as exc:  # one failing collector never fails the snapshot
-                errors.append(f"{what}: {exc}")
-                return fallback
+    def _read_stats(self, d: Draft) -> None:
+        d.stats.update((name, stats.read()) for name, stats in self._stats.items())
+        if self._memcg:  # events the zerocopy reader could not decode
+            d.stats.setdefault("zerocopy", {})["malformed_events_lost"] = \
+                self._memcg.zerocopy.bad_events
 
-        kernel_pools: netlink.KernelView | Unavailable
-        try:
-            kernel_pools = resolve.kernel_view()
-            errors.extend(f"netlink: netns {f}" for f in kernel_pools.failed)
-        except Exception as exc:  # kernel < 6.8 has no netdev family: unavailable, not empty
-            kernel_pools = Unavailable(f"netdev netlink page-pool-get failed: {exc}")
-        pagepool, netmem_reader = self._pagepool, self._netmem
-        pools = guarded("page_pool", lambda: pagepool.read(start, kernel_pools)
-                        if pagepool else [], [])
-        stats = guarded("page_pool stats", pagepool.stats if pagepool else dict, {})
-        netmem_off = Unavailable("the netmem object is not loaded: see `netmemtrace probes`")
-        pools, devmem_sockets, netmem = guarded(
-            "netmem", lambda: netmem_reader.read(start, pools) if netmem_reader
-            else (pools, (), netmem_off),
-            (pools, (), Unavailable("the netmem collector failed: see errors")))
-        pools = guarded("holders", lambda: self._holders.annotate(pools)
-                        if self._holders else pools, pools)
-        no_memcg = Unavailable("the memcg object is not loaded: see `netmemtrace probes`")
-        memcgs, memcg_self, unaccepted = guarded(
-            "memcg", lambda: self._memcg.read(start) if self._memcg else ((), None, no_memcg),
-            ((), None, Unavailable("the memcg collector failed: see errors")))
-        run_time: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
-        run_cnt: dict[str, int] | Unavailable = run_time
+    def _read_programs(self, d: Draft) -> None:
         if _bpf_stats_enabled():
             progs = [lk.program.stats() for lo in self.loaded for lk in lo.obj.links]
-            run_time = {p.name: p.run_time_ns for p in progs}
-            run_cnt = {p.name: p.run_cnt for p in progs}
+            d.prog_run_time_ns = {p.name: p.run_time_ns for p in progs}
+            d.prog_run_cnt = {p.name: p.run_cnt for p in progs}
+
+    def read(self) -> Snapshot:
+        """One snapshot from every collector (run()); one that fails is named in errors,
+        the others still report."""
+        start = time.monotonic_ns()
+        d = Draft(start, netmem=Unavailable(
+            "the netmem collector failed: see errors" if self._netmem
+            else "the netmem object is not loaded: see `netmemtrace probes`"))
+        if not self._memcg:
+            d.unaccepted_sockets = Unavailable(
+                "the memcg object is not loaded: see `netmemtrace probes`")
+        runs = run(self.collectors, d)
         return Snapshot(
             taken_monotonic_ns=start,
             taken_unix_s=time.time(),
             host=socket.gethostname(),
             kernel_release=os.uname().release,
             probes=tuple(self.probe_status()),
-            pools=tuple(sorted(pools, key=lambda p: (p.state != "zombie", p.pool_addr or 0,
-                                                     p.pool_id or 0))),
-            self_stats=SelfStats(
-                snapshot_build_ns=time.monotonic_ns() - start,
-                pool_map_full_total=stats.get("pool_map_full", 0),
-                retired_map_full_total=stats.get("retired_map_full", 0),
-                prog_run_time_ns=run_time,
-                prog_run_cnt=run_cnt,
-                holders_refs_lost_total=self._holders.refs_lost_total if self._holders
-                else None,
-            ),
-            errors=tuple(errors),
-            memcgs=memcgs,
-            memcg_self_stats=memcg_self,
-            devmem_sockets=devmem_sockets,
-            netmem=netmem,
-            devices=guarded("devices", lambda: device_summaries(pools), ()),
-            unaccepted_sockets=unaccepted,
+            pools=tuple(sorted(d.pools, key=lambda p: (p.state != "zombie", p.pool_addr or 0,
+                                                       p.pool_id or 0))),
+            self_stats=SelfStats(snapshot_build_ns=time.monotonic_ns() - start,
+                                 prog_run_time_ns=d.prog_run_time_ns,
+                                 prog_run_cnt=d.prog_run_cnt),
+            errors=tuple(d.errors),
+            memcgs=d.memcgs,
+            memcg_self_stats=d.memcg_self,
+            devmem_sockets=d.devmem_sockets,
+            netmem=d.netmem,
+            devices=d.devices,
+            unaccepted_sockets=d.unaccepted_sockets,
+            collectors=runs,
+            stats=d.stats,
         )
 
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .probes import ProbeStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class PoolSnapshot:
     kernel_release_at_release: int | None
     kernel: KernelPoolView | Unavailable
     # netmem ownership (collect/netmem.py): by state, and the application hold times
-    states: NetmemStates | Unavailable = Unavailable("netmem object not loaded")
+    netmem_states: NetmemStates | Unavailable = Unavailable("netmem object not loaded")
     netmem_hold_ns: HoldHistogram | Unavailable = Unavailable("netmem object not loaded")
     # zombie pools only (collect/holders.py): who holds the inflight pages; pages add up to
     # inflight_pages
@@ -128,15 +128,37 @@ class PoolSnapshot:
 @dataclass(frozen=True)
 class SelfStats:
     snapshot_build_ns: int
-    pool_map_full_total: int
-    retired_map_full_total: int
     prog_run_time_ns: dict[str, int] | Unavailable = field(
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
     prog_run_cnt: dict[str, int] | Unavailable = field(
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
-    # Zombie page references the holders ring buffer had no room for, over every scan
-    # since attach (None: the holders object is not loaded).
-    holders_refs_lost_total: int | None = None
+
+
+@dataclass(frozen=True)
+class CollectorRun:
+    """How one collector did in this read (node_exporter's scrape_collector_success and
+    scrape_collector_duration_seconds)."""
+
+    collector: str
+    success: bool
+    duration_ns: int
+
+
+@dataclass(frozen=True)
+class CollectorError:
+    collector: str
+    message: str
+
+
+# A counter of Snapshot.stats whose name ends so counts something dropped (a map or ring
+# buffer full, an event cut short or unreadable): the figures it feeds undercount.
+LOSS_SUFFIXES = ("_full", "_lost", "_truncated")
+
+
+def lost_events(stats: dict[str, dict[str, int]]) -> list[tuple[str, str, int]]:
+    """(object, counter, count) of every loss counter of Snapshot.stats."""
+    return [(obj, name, n) for obj, counters in stats.items()
+            for name, n in counters.items() if name.endswith(LOSS_SUFFIXES)]
 
 
 # ---- memcg socket memory and zerocopy (collect/memcg.py, collect/zerocopy.py) ----
@@ -234,15 +256,12 @@ class UnacceptedSocket:
 
 @dataclass(frozen=True)
 class MemcgSelfStats:
-    ringbuf_lost_events: int        # ledger events the ring buffer had no room for
+    """The zerocopy reader's own figures (its BPF counters are in Snapshot.stats)."""
+
     ledger_ranges: int
     ledger_overflow_ranges: int     # ranges not recorded (ledger full): figures undercount
     ledger_overflow_bytes: int
     tx_tracker_overflow_sends: int
-    pending_full: int               # syscall entries not remembered until exit
-    proc_map_full: int
-    memcg_map_full: int
-    memcg_unresolved: int           # socket-memory events without a readable memcg id
     smaps_mismatch_pids: int        # processes whose ledger disagreed with smaps
     exited_process_rows: int = 0    # rows of exited processes kept now
     exited_rows_expired: int = 0    # rows dropped after their retention, since start
@@ -323,7 +342,7 @@ class NetmemHolder:
 class NetmemSummary:
     sample_factor: int            # 1 in sample_factor netmem tracked; counts are scaled by it
     tracked_netmem: int           # entries in the tracking map now (not scaled)
-    tracked_capacity: int         # its size; tracked_map_full_total counts the misses
+    tracked_capacity: int         # its size; stats["netmem"]["netmem_map_full"]: the misses
     unavailable_states: dict[str, dict[str, str]]  # netmem type -> state -> why unobservable
     holders: tuple[NetmemHolder, ...] | Unavailable
     recvmsg_devmem_calls: int     # exact, every socket
@@ -336,10 +355,6 @@ class NetmemSummary:
     tokens_freed_on_destroy: int
     zcrx_buffers_handed: int | Unavailable
     zcrx_refills: int | Unavailable
-    tracked_map_full_total: int
-    pool_map_full_total: int
-    socket_map_full_total: int
-    call_map_full_total: int
 
 
 @dataclass(frozen=True)
@@ -381,7 +396,7 @@ class Snapshot:
     probes: tuple[ProbeStatus, ...]
     pools: tuple[PoolSnapshot, ...]
     self_stats: SelfStats
-    errors: tuple[str, ...] = ()  # collectors that failed this round, with the reason
+    errors: tuple[CollectorError, ...] = ()  # what failed this round, with the reason
     memcgs: tuple[MemcgSnapshot, ...] = ()  # per memory cgroup: socket memory, zerocopy
     memcg_self_stats: MemcgSelfStats | None = None
     devmem_sockets: tuple[DevmemSocket, ...] = ()  # sockets that used devmem TCP tokens
@@ -390,15 +405,31 @@ class Snapshot:
     # connections no process accepted yet: socket memory charged to no memcg
     unaccepted_sockets: tuple[UnacceptedSocket, ...] | Unavailable = Unavailable(
         "memcg object not loaded")
+    collectors: tuple[CollectorRun, ...] = ()  # each collector of this read: ok? how long?
+    # {object: {counter: n}} since attach: every BPF `*_stats` struct (summed over CPUs) and
+    # the readers' own drop counters; names ending in LOSS_SUFFIXES count losses.
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ---- holders of zombie pools' pages (collect/holders.py) ----
 
 
+# Holder.kind: every kind collect/holders.py reports, and what it means.
+HOLDER_KINDS = {
+    "socket": "a socket's queues",
+    "cpu-deferred-free": "a CPU's deferred-free list, freed on that CPU's next RX "
+                         "(self-healing)",
+    "pool-ring": "the pool's own ring, freed by the pool itself (self-healing)",
+    "devmem-tokens": "devmem TCP tokens the application has not returned",
+    "io_uring-zcrx": "io_uring zcrx buffers the application has not refilled",
+    "unattributed": "the rest",
+}
+
+
 @dataclass(frozen=True)
 class Holder:
-    """Who keeps pages of a zombie pool inflight. Kinds: socket, cpu-deferred-free,
-    pool-ring, devmem-tokens, io_uring-zcrx, unattributed. Fields not of its kind are None."""
+    """Who keeps pages of a zombie pool inflight (kind: one of HOLDER_KINDS). Fields not of
+    its kind are None."""
 
     kind: str
     pages: int                    # distinct netmems of the pool it holds

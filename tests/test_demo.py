@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO, SLOW, TIMINGS, TraceInstance
 
 from netmemtrace import demo
+from netmemtrace.snapshot import SCHEMA_VERSION
 
 XDP_ATTACHED_DRV = 1  # "mode" in `ip -j link` for native (driver) XDP
 MIB = 1 << 20
@@ -237,4 +238,4 @@ def test_make_run_shows_a_short_pool_table_then_where_the_json_went(
     assert f"full JSON (every field: README.md): {out_json}" in lines
     assert any(line.startswith("next: sudo netmemtrace top") for line in lines)
     doc = json.loads(out_json.read_text())
-    assert rx_dev in [p["netdev"] for p in doc["pools"]] and doc["schema_version"] == 1
+    assert rx_dev in [p["netdev"] for p in doc["pools"]] and doc["schema_version"] == SCHEMA_VERSION

@@ -1,4 +1,4 @@
-"""The Prometheus view (netmemtrace/views/exporter.py) on synthetic Snapshots.
+"""The Prometheus view (netmemtrace/views/prometheus/) on synthetic Snapshots.
 
 Each expected figure is the synthetic Snapshot's own value, read back through an independent
 parser of the exposition formats (prometheus_client's parsers, and promtool)."""
@@ -6,8 +6,10 @@ parser of the exposition formats (prometheus_client's parsers, and promtool)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,8 +18,12 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
+from netmemtrace.collect import holders as holders_mod
 from netmemtrace.probes import ProbeStatus
 from netmemtrace.snapshot import (
+    HOLDER_KINDS,
+    CollectorError,
+    CollectorRun,
     DevmemSocket,
     HoldBucket,
     Holder,
@@ -34,16 +40,9 @@ from netmemtrace.snapshot import (
     Unavailable,
     ZerocopyStats,
 )
-from netmemtrace.views.exporter import (
-    MEMCG_LABELS,
-    OPENMETRICS,
-    POOL_LABELS,
-    TEXT,
-    SnapshotCollector,
-    encode,
-    probe_failures,
-    render,
-)
+from netmemtrace.views.prometheus.catalogue import MEMCG_LABELS, POOL_LABELS, probe_failures
+from netmemtrace.views.prometheus.collector import SnapshotCollector
+from netmemtrace.views.prometheus.encode import OPENMETRICS, TEXT, encode, render
 
 WEIRD_NETDEV = 'e"th\\0\nü→名'  # quote, backslash, newline, UTF-8: all must round-trip
 
@@ -75,8 +74,8 @@ def snapshot(pools: tuple[PoolSnapshot, ...] = (), **changes: object) -> Snapsho
                         "not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"),
         ),
         pools=pools,
-        self_stats=SelfStats(snapshot_build_ns=2_500_000, pool_map_full_total=3,
-                             retired_map_full_total=0),
+        self_stats=SelfStats(snapshot_build_ns=2_500_000),
+        stats={"pagepool": {"pool_map_full": 3, "retired_map_full": 0}},
     )
     return dataclasses.replace(base, **changes)
 
@@ -130,7 +129,8 @@ def test_pool_figures_are_the_snapshot_values() -> None:
     assert "netmemtrace_page_pool_zombie_age_seconds" not in found
     assert one(found, "netmemtrace_snapshot_timestamp_seconds") == 1_700_000_000.5
     assert one(found, "netmemtrace_snapshot_build_seconds") == pytest.approx(0.0025)
-    assert one(found, "netmemtrace_map_full_drops_total", map="pools") == 3
+    assert one(found, "netmemtrace_events_lost_total", object="pagepool",
+               counter="pool_map_full") == 3
     assert one(found, "netmemtrace_kernel_info", release="6.18.0-test") == 1
 
 
@@ -164,7 +164,7 @@ def test_unavailable_figure_is_omitted_and_explained_never_zero() -> None:
 
 
 def test_bpf_run_time_in_seconds_when_stats_enabled() -> None:
-    stats = SelfStats(snapshot_build_ns=1, pool_map_full_total=0, retired_map_full_total=0,
+    stats = SelfStats(snapshot_build_ns=1,
                       prog_run_time_ns={"hold__tp_btf": 3_000_000_000, "rel__tp_btf": 5},
                       prog_run_cnt={"hold__tp_btf": 40, "rel__tp_btf": 1})
     found = samples(snapshot(self_stats=stats))
@@ -232,9 +232,20 @@ def test_probe_failure_split_keeps_semicolons_inside_a_reason() -> None:
 
 
 def test_collector_errors_are_exported() -> None:
-    found = samples(snapshot(errors=("page_pool: map read failed: EINVAL",)))
+    found = samples(snapshot(errors=(CollectorError("page_pool", "map read failed: EINVAL"),)))
     assert one(found, "netmemtrace_collector_error_info", collector="page_pool",
                error="map read failed: EINVAL") == 1
+
+
+def test_each_collector_reports_success_and_duration() -> None:
+    runs = (CollectorRun("page_pool", True, 1_500_000), CollectorRun("memcg", False, 30_000))
+    found = samples(snapshot(collectors=runs))
+    assert one(found, "netmemtrace_scrape_collector_success", collector="page_pool") == 1
+    assert one(found, "netmemtrace_scrape_collector_success", collector="memcg") == 0
+    assert one(found, "netmemtrace_scrape_collector_duration_seconds",
+               collector="page_pool") == 0.0015
+    assert one(found, "netmemtrace_scrape_collector_duration_seconds",
+               collector="memcg") == 0.00003
 
 
 def test_every_family_follows_the_naming_conventions() -> None:
@@ -320,10 +331,9 @@ def memcg(**changes: object) -> MemcgSnapshot:
 
 
 def memcg_self(**changes: object) -> MemcgSelfStats:
-    base = MemcgSelfStats(ringbuf_lost_events=17, ledger_ranges=5, ledger_overflow_ranges=2,
+    base = MemcgSelfStats(ledger_ranges=5, ledger_overflow_ranges=2,
                           ledger_overflow_bytes=8192, tx_tracker_overflow_sends=3,
-                          pending_full=4, proc_map_full=6, memcg_map_full=7,
-                          memcg_unresolved=8, smaps_mismatch_pids=1)
+                          smaps_mismatch_pids=1)
     return dataclasses.replace(base, **changes)
 
 
@@ -354,9 +364,7 @@ def netmem_summary(**changes: object) -> NetmemSummary:
         recvmsg_cmsg_unread=1, dontneed_calls=5, dontneed_errors=1, tokens_returned=250,
         tokens_freed_on_destroy=10,
         zcrx_buffers_handed=Unavailable("io_zcrx_queue_cqe: no kprobes"),
-        zcrx_refills=Unavailable("io_pp_zc_alloc_netmems: no kprobes"),
-        tracked_map_full_total=21, pool_map_full_total=22, socket_map_full_total=23,
-        call_map_full_total=24)
+        zcrx_refills=Unavailable("io_pp_zc_alloc_netmems: no kprobes"))
     return dataclasses.replace(base, **changes)
 
 
@@ -374,14 +382,24 @@ def holder(kind: str, pages: int) -> Holder:
     return Holder(kind=kind, pages=pages, self_healing=kind == "cpu-deferred-free", detail="d")
 
 
+STATS = {"pagepool": {"pool_map_full": 0, "retired_map_full": 0},
+         "netmem": {"netmem_map_full": 21, "pool_map_full": 22, "socket_map_full": 23,
+                    "call_map_full": 24, "recvmsg_calls": 20},
+         "zerocopy": {"ringbuf_full": 17, "pending_full": 4, "proc_map_full": 6,
+                      "mmsg_truncated": 2, "malformed_events_lost": 1},
+         "memcg": {"memcg_map_full": 7, "memcg_unresolved": 8},
+         "holders": {"refs": 40, "refs_lost": 5}}
+
+
 def full_snapshot() -> Snapshot:
     """Every family with series: memcgs, netmem, devmem, a zombie with holders."""
     zombie = pool(pool_id=9, state="zombie", zombie_age_ns=10**9,
                   holders=(holder("socket", 90), holder("cpu-deferred-free", 10),
                            holder("socket", 4)))
-    active = pool(states=states(), netmem_hold_ns=hold_hist())
-    return snapshot((active, zombie), errors=("c: e",),
-                    self_stats=SelfStats(1, 0, 0, {"p": 1}, {"p": 1}),
+    active = pool(netmem_states=states(), netmem_hold_ns=hold_hist())
+    return snapshot((active, zombie), errors=(CollectorError("c", "e"),),
+                    self_stats=SelfStats(1, {"p": 1}, {"p": 1}), stats=STATS,
+                    collectors=(CollectorRun("page_pool", True, 10**6),),
                     memcgs=(memcg(),), memcg_self_stats=memcg_self(),
                     devmem_sockets=(devmem_socket(1, 1, 40),), netmem=netmem_summary())
 
@@ -519,19 +537,31 @@ def test_deleted_memcg_is_labelled_deleted() -> None:
 
 def test_memcg_self_stats() -> None:
     found = samples(full_snapshot())
-    assert one(found, "netmemtrace_events_lost_total", object="zerocopy") == 17
     assert one(found, "netmemtrace_zerocopy_ledger_ranges") == 5
     assert one(found, "netmemtrace_zerocopy_ledger_overflow_ranges_total") == 2
     assert one(found, "netmemtrace_zerocopy_ledger_overflow_bytes_total") == 8192
     assert one(found, "netmemtrace_zerocopy_tx_tracker_overflow_sends_total") == 3
     assert one(found, "netmemtrace_memcg_unresolved_events_total") == 8
     assert one(found, "netmemtrace_zerocopy_smaps_mismatch_processes") == 1
-    drops = {s.labels["map"]: s.value for s in found["netmemtrace_map_full_drops_total"]}
-    assert drops == {"pools": 0, "retired_pools": 0, "netmem": 21, "netmem_pools": 22,
-                     "devmem_sockets": 23, "netmem_calls": 24, "zerocopy_procs": 6,
-                     "zerocopy_pending": 4, "memcg": 7}
     # The memcg collector did not report: no series (its error is exported instead).
-    assert "netmemtrace_events_lost_total" not in samples(snapshot())
+    assert "netmemtrace_zerocopy_ledger_ranges" not in samples(snapshot())
+
+
+def test_every_loss_counter_of_every_object_is_exported() -> None:
+    found = samples(full_snapshot())
+    lost = {(s.labels["object"], s.labels["counter"]): s.value
+            for s in found["netmemtrace_events_lost_total"]}
+    assert lost == {("pagepool", "pool_map_full"): 0, ("pagepool", "retired_map_full"): 0,
+                    ("netmem", "netmem_map_full"): 21, ("netmem", "pool_map_full"): 22,
+                    ("netmem", "socket_map_full"): 23, ("netmem", "call_map_full"): 24,
+                    ("zerocopy", "ringbuf_full"): 17, ("zerocopy", "pending_full"): 4,
+                    ("zerocopy", "proc_map_full"): 6, ("zerocopy", "mmsg_truncated"): 2,
+                    ("zerocopy", "malformed_events_lost"): 1, ("memcg", "memcg_map_full"): 7,
+                    ("holders", "refs_lost"): 5}
+    # A counter the BPF side adds is exported without a Python edit.
+    more = dataclasses.replace(full_snapshot(), stats={**STATS, "new": {"thing_full": 9}})
+    assert one(samples(more), "netmemtrace_events_lost_total", object="new",
+               counter="thing_full") == 9
 
 
 def test_netmem_states_per_pool_unavailable_state_is_not_zero() -> None:
@@ -632,17 +662,57 @@ def test_fast_encoder_writes_what_prometheus_client_writes(fmt: str) -> None:
     snap = dataclasses.replace(full_snapshot(), pools=(
         *full_snapshot().pools, pool(pool_id=3, netdev=WEIRD_NETDEV, netns='n"s\\')))
     reg = registry(snap)
-    families = list(reg.collect())
+    families = SnapshotCollector(lambda: snap).families()
     expected = generate_openmetrics(reg) if fmt == OPENMETRICS else generate_latest(reg)
     assert encode(families, fmt) == expected
 
 
 def test_render_picks_the_encoder_prometheus_client_would() -> None:
     reg = registry(full_snapshot())
-    families = list(reg.collect())
+    families = SnapshotCollector(full_snapshot).families()
     for accept in ("", "application/openmetrics-text; version=1.0.0",
                    "application/openmetrics-text",
                    "text/plain; version=1.0.0; escaping=allow-utf-8",
                    "application/openmetrics-text; version=1.0.0; escaping=dots"):
         encoder, content_type = choose_encoder(accept)
         assert render(families, content_type, encoder) == encoder(reg), accept
+
+
+# ---- the catalogue: one spec per family, a golden file of every name, type and HELP --------
+
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
+
+
+def test_every_family_is_in_the_golden_file_with_its_type_and_help() -> None:
+    # What a scrape shows (prometheus_client's own view of the families), not the catalogue.
+    shown = "".join(f"{m.name} {m.type} {m.documentation}\n"
+                    for m in registry(full_snapshot()).collect())
+    assert shown == GOLDEN.read_text(), (
+        "metric families changed: regenerate tests/golden/metrics.txt with "
+        "`python -m netmemtrace.views.prometheus.catalogue` and review the diff")
+
+
+def test_no_series_is_written_twice() -> None:
+    # Pools without netlink stats (every series of a family unavailable for one reason) and
+    # a netmem state missing for one type: each figure is explained once per object.
+    snap = dataclasses.replace(full_snapshot(), pools=(
+        *full_snapshot().pools, pool(pool_id=11), pool(pool_id=12, kernel=Unavailable("x"))))
+    for openmetrics in (False, True):
+        reg = registry(snap)
+        text = (generate_openmetrics(reg) if openmetrics else generate_latest(reg)).decode()
+        seen = [(s.name, tuple(sorted(s.labels.items())))
+                for fam in (parse_om(text) if openmetrics else parse_text(text))
+                for s in fam.samples]
+        assert len(seen) == len(set(seen)), [s for s in seen if seen.count(s) > 1][:3]
+
+
+def test_holder_kinds_in_help_are_the_kinds_the_holders_collector_reports() -> None:
+    source = (Path(holders_mod.__file__)).read_text()
+    produced = set(re.findall(r'kind="([a-z_-]+)"', source)) | set(
+        holders_mod.PROVIDER_KINDS.values())
+    assert produced == set(HOLDER_KINDS)
+    help_text = next(line for line in GOLDEN.read_text().splitlines()
+                     if line.startswith("netmemtrace_page_pool_zombie_inflight_pages "))
+    documented = set(re.findall(r"([a-z_-]+) = ", help_text))
+    assert documented == produced

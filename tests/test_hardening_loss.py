@@ -81,9 +81,10 @@ def test_netmem_table_overflow(monkeypatch) -> None:
     with shrunk(monkeypatch, "netmem.netmems=2") as served:
         doc = dump_during(demo_traffic)
         assert doc["netmem"]["tracked_capacity"] == 2
-        assert doc["netmem"]["tracked_map_full_total"] > 0, doc["netmem"]
+        assert doc["stats"]["netmem"]["netmem_map_full"] > 0, doc["stats"]
         assert metric(served, "netmemtrace_netmem_tracked_capacity") == 2
-        assert metric(served, "netmemtrace_map_full_drops_total", map="netmem") > 0
+        assert metric(served, "netmemtrace_events_lost_total", object="netmem",
+                      counter="netmem_map_full") > 0
 
 
 @pytest.mark.live
@@ -100,9 +101,10 @@ def test_zerocopy_process_map_overflow(monkeypatch, workload, netns) -> None:  #
 
     with shrunk(monkeypatch, "zerocopy.zc_tasks=1") as served:
         doc = dump_during(two_readers)
-        assert doc["memcg_self_stats"]["proc_map_full"] > 0, doc["memcg_self_stats"]
+        assert doc["stats"]["zerocopy"]["proc_map_full"] > 0, doc["stats"]
         two_readers()
-        assert metric(served, "netmemtrace_map_full_drops_total", map="zerocopy_procs") > 0
+        assert metric(served, "netmemtrace_events_lost_total", object="zerocopy",
+                      counter="proc_map_full") > 0
 
 
 @pytest.mark.veth_page_pool
@@ -115,11 +117,12 @@ def test_holders_ring_overflow_reaches_metrics(monkeypatch) -> None:
         assert held.held_bytes > 1 << 20
         topo.delete_link()
         deadline = time.monotonic() + 20 * SLOW
-        while metric(served, "netmemtrace_events_lost_total", object="holders") == 0:
+        while metric(served, "netmemtrace_events_lost_total", object="holders",
+                     counter="refs_lost") == 0:
             assert time.monotonic() < deadline, "no holders reference lost"
             time.sleep(0.5)
         doc = dump_during(lambda: None, duration=3.0)
-        assert doc["self_stats"]["holders_refs_lost_total"] > 0
+        assert doc["stats"]["holders"]["refs_lost"] > 0
         assert any("lost (ring buffer full)" in h["detail"] for p in doc["pools"]
                    if p["state"] == "zombie" for h in p["holders"]
                    if h["kind"] == "unattributed"), [p["holders"] for p in doc["pools"]]

@@ -18,7 +18,8 @@ from test_serve_live import SERVE, Served, http_get, values
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
 
 from netmemtrace.views import dump
-from netmemtrace.views.exporter import OPENMETRICS, TEXT, SnapshotCollector, encode, render
+from netmemtrace.views.prometheus.collector import SnapshotCollector
+from netmemtrace.views.prometheus.encode import OPENMETRICS, TEXT, encode, render
 from netmemtrace.views.utf8 import visible
 
 # What os.fsdecode makes of the bytes b"/bad-\xff\xfe-name": lone surrogates.
@@ -42,7 +43,7 @@ def snap_with_bad_cgroup():
 @pytest.mark.parametrize("fmt", [TEXT, OPENMETRICS])
 def test_exposition_is_utf8_with_the_bytes_visible(fmt: str) -> None:
     snap = snap_with_bad_cgroup()
-    families = list(SnapshotCollector(lambda: snap).collect())
+    families = SnapshotCollector(lambda: snap).families()
     body = encode(families, fmt).decode("utf-8")  # strict: raises on any surrogate
     # Label escaping doubles the backslash of each \xNN.
     assert 'cgroup="/bad-\\\\xff\\\\xfe-name"' in body

@@ -17,16 +17,12 @@ import pytest
 from netmemtrace import abi
 from netmemtrace.collect import holders
 from netmemtrace.collect.holders import (
-    DEFER,
-    ERROR,
-    OOO,
-    RECEIVE,
-    RING,
     PoolRetryState,
     ScanReport,
     SocketOwner,
     attribute,
     format_addr,
+    holder_where,
     percpu_offsets,
     slab_page_base,
 )
@@ -34,6 +30,10 @@ from netmemtrace.snapshot import Holder, PoolSnapshot, Snapshot, Unavailable
 from netmemtrace.views import explain
 
 POOL = 0xFFFF888100000000
+# Where a reference was found (enum holder_where, from the holders object's BTF).
+WHERE = holder_where()
+RECEIVE, OOO, ERROR = WHERE["RECEIVE_QUEUE"], WHERE["OOO_QUEUE"], WHERE["ERROR_QUEUE"]
+DEFER, RING = WHERE["DEFER_LIST"], WHERE["POOL_RING"]
 OTHER_POOL = 0xFFFF888200000000
 SK = 0xFFFF888300000000
 

@@ -83,7 +83,8 @@ def test_memcg_sock_charges_and_uncharges_per_memcg(task_memcgs) -> None:
                 # The function-probe columns are separate: nothing was counted there.
                 assert {(v.charged_pages, v.uncharged_pages)
                         for v in reader.read(FUNCTION_SOURCE).values()} == {(0, 0)}
-                assert reader.stats() == {"memcg_map_full": 0, "memcg_unresolved": 1}
+                assert abi.Stats("memcg", lo.obj.map("memcg_stats")).read() == {
+                    "memcg_map_full": 0, "memcg_unresolved": 1}
             finally:
                 lo.close()
         finally:

@@ -43,7 +43,7 @@ def test_catalogue() -> None:
         assert mechs[name] == ["kprobe"], name       # fexit has its arguments already
     assert set(mechs) == TRACEPOINT_HOOKS | SYSCALL_HOOKS | FUNCTION_HOOKS | set(
         ARGS_HOOKS.values())
-    assert hooks["tcp_recvmsg_dmabuf"].candidates[1].tracepoint == "tcp_recvmsg_dmabuf"
+    assert hooks["tcp_recvmsg_dmabuf"].candidates[1].target == "tcp_recvmsg_dmabuf"
     # Every hook that a state depends on is in the object, or (the page_pool tracepoints,
     # one program per event for both domains) in the pagepool object, which has no other
     # program on those tracepoints.

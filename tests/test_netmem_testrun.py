@@ -27,7 +27,6 @@ from netmemtrace.collect.netmem import (
     SHARED_MAPS,
     NetmemReader,
     Tracked,
-    enum_values,
     is_sampled,
     pool_states,
     shared_maps,
@@ -42,7 +41,8 @@ PAGE = 0xDEAD_EA00_0004_0000
 NET_IOV = 0xDEAD_8881_0000_2001       # net_iov netmem_ref: lowest bit set
 IFQ = 0xFFFF_8882_0000_0000
 FAKE_SK = 0xFFFF_8883_0000_0000
-OPS = enum_values("netmem_replay_op", "NETMEM_REPLAY_")
+OPS = {k.lower(): v for k, v in abi.btf("netmem").enum("netmem_replay_op",
+                                                          "NETMEM_REPLAY_").items()}
 SO_DEVMEM_LINEAR = 78
 
 
@@ -62,6 +62,10 @@ class Harness:
         self.pool_lo = pool_lo
         self.lo = lo
         self.reader = NetmemReader(lo, sample_n, pool_lo)
+        self._stats = abi.Stats("netmem", lo.obj.map("netmem_stats"))
+
+    def stats(self) -> dict[str, int]:
+        return self._stats.read()
 
     def run(self, hook: str, *values: int) -> None:
         ctx = struct.pack(f"<{len(values)}Q", *(v & (2**64 - 1) for v in values))
@@ -223,12 +227,12 @@ def test_socket_destroyed_while_holding_tokens(h: Harness) -> None:
     assert sock.pid == os.getpid()
     assert h.state(NET_IOV) == "stack"
     assert h.transitions()[("application", "stack")] == 1
-    stats = h.reader.stats()
+    stats = h.stats()
     assert (stats["recvmsg_tokens"], stats["dontneed_tokens"], stats["destroy_tokens"]) == (3, 1, 2)
     assert h.tracked_app(sk) == 0
     # The record stays destroyed: a second destroy event frees nothing twice.
     h.run("tcp_destroy_sock", sk)
-    assert h.reader.stats()["destroy_tokens"] == 2
+    assert h.stats()["destroy_tokens"] == 2
 
 
 def test_recvmsg_without_devmem_flag_and_errors(h: Harness) -> None:
@@ -243,7 +247,7 @@ def test_recvmsg_without_devmem_flag_and_errors(h: Harness) -> None:
         h.replay("setsockopt_exit", -9)                                     # EBADF
         h.replay("setsockopt_enter", tcp.fileno(), socket.SOL_SOCKET, SO_DEVMEM_DONTNEED - 1)
         h.replay("setsockopt_exit", 0)                                      # another option
-    stats = h.reader.stats()
+    stats = h.stats()
     assert (stats["recvmsg_calls"], stats["recvmsg_errors"], stats["recvmsg_tokens"]) == (1, 1, 0)
     assert (stats["dontneed_calls"], stats["dontneed_errors"]) == (1, 1)
     # Only TCP sockets get a record: the UDP call is in the totals alone.
@@ -256,7 +260,7 @@ def test_cmsg_walk_that_faults_is_counted(h: Harness) -> None:
     with socket.socket() as tcp:
         h.replay("recvmsg_enter", tcp.fileno(), ctypes.addressof(msg), MSG_SOCK_DEVMEM)
         h.replay("recvmsg_exit", 10)
-    stats = h.reader.stats()
+    stats = h.stats()
     assert (stats["recvmsg_tokens"], stats["recvmsg_cmsg_unread"]) == (0, 1)
 
 
@@ -272,7 +276,7 @@ def test_zcrx_buffer_handed_and_refilled(h: Harness) -> None:
     h.replay("zcrx_refill", 0, NET_IOV)          # the refill returned it from the ring
     assert h.state(NET_IOV) == "pool"
     assert h.transitions()[("application", "pool")] == 1
-    stats = h.reader.stats()
+    stats = h.stats()
     assert (stats["zcrx_buffers"], stats["zcrx_refills"]) == (1, 1)
 
 
@@ -333,7 +337,7 @@ def test_slot_pair_overflow_evicts_and_is_counted() -> None:
         for hold, page in enumerate(pages, 1):
             harness.run("page_pool_state_hold", POOL, page, hold)
         assert set(harness.tracked()) == expected
-        assert harness.reader.stats()["netmem_map_full"] == evicted
+        assert harness.stats()["netmem_map_full"] == evicted
         # An evicted netmem's release finds another in its slot and changes nothing.
         gone = next(p for p in pages if p not in expected)
         harness.run("page_pool_state_release", POOL, gone, 1)

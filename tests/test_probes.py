@@ -13,6 +13,7 @@ from conftest import REPO, SLOW, bpf_prog_ids, prog_ids_held_by
 
 from netmemtrace import abi, libbpf, probes
 from netmemtrace.cli import format_probes
+from netmemtrace.snapshot import SCHEMA_VERSION
 
 OBJ = str(abi.object_path("pagepool"))
 
@@ -24,7 +25,7 @@ def test_catalogue_is_read_from_program_names() -> None:
     assert [c.mechanism for c in hooks["page_pool_state_hold"].candidates] == [
         "raw_tp", "tracepoint"]
     assert [c.mechanism for c in hooks["page_pool_destroy"].candidates] == ["fentry", "kprobe"]
-    assert hooks["page_pool_release"].candidates[1].tracepoint == "page_pool/page_pool_release"
+    assert hooks["page_pool_release"].candidates[1].target == "page_pool/page_pool_release"
 
 
 @pytest.mark.live
@@ -184,7 +185,7 @@ def test_signal_prints_snapshot_and_detaches_everything(sig: str) -> None:
     proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=5 * SLOW)
     assert proc.returncode == 0, err
-    assert json.loads(out)["schema_version"] == 1
+    assert json.loads(out)["schema_version"] == SCHEMA_VERSION
     assert ours & bpf_prog_ids() == set()
 
 

@@ -17,6 +17,7 @@ from conftest import REPO
 from netmemtrace import cli, probes, topcmd
 from netmemtrace.probes import ProbeStatus
 from netmemtrace.snapshot import (
+    CollectorError,
     DevmemSocket,
     Holder,
     MemcgSelfStats,
@@ -126,8 +127,8 @@ def make_snap(taken_ns: int, pools: tuple[PoolSnapshot, ...], **changes: object)
     base = Snapshot(
         taken_monotonic_ns=taken_ns, taken_unix_s=1.7e9 + taken_ns / SEC, host="testhost",
         kernel_release="6.18.0-test", probes=PROBES, pools=pools,
-        self_stats=SelfStats(snapshot_build_ns=1_500_000, pool_map_full_total=2,
-                             retired_map_full_total=1),
+        self_stats=SelfStats(snapshot_build_ns=1_500_000),
+        stats={"pagepool": {"pool_map_full": 2, "retired_map_full": 1}},
     )
     return dataclasses.replace(base, **changes)
 
@@ -368,12 +369,13 @@ def test_pause_and_quit_keys() -> None:
 # ---- header, memcg table, layout ----------------------------------------------------------
 
 def test_header_names_missing_probes_errors_and_lost_events() -> None:
-    snap = make_snap(T0, (), errors=("page_pool: map read failed",))
+    snap = make_snap(T0, (), errors=(CollectorError("page_pool", "map read failed"),))
     (frame,) = parse_frames(top.batch_frame(snap, None, top.ViewState()))
     first, probes_line, lost, errors = frame.header
     assert "host testhost" in first and "kernel 6.18.0-test" in first
     assert probes_line == "probes 2/3 attached; failed: page_pool_destroy (why: netmemtrace probes)"
-    assert lost.startswith("lost events 3 (pool map full 2, retired map full 1)")
+    assert lost.startswith(
+        "lost events 3 (pagepool.pool_map_full 2, pagepool.retired_map_full 1)")
     assert errors == "errors: page_pool: map read failed"
     assert frame.notes["PAGE POOLS"] == "no page pool event seen since attach"
 
@@ -483,12 +485,24 @@ def test_exited_processes_stay_marked_in_the_process_table() -> None:
     assert frame.notes["ZEROCOPY PROCESSES"] == "no process made a zerocopy call yet"
 
 
-def test_lost_events_include_the_memcg_side() -> None:
-    snap = dataclasses.replace(make_snap(T0, ()), memcg_self_stats=dataclasses.replace(
-        MEMCG_STATS, ringbuf_lost_events=5))
-    assert top.header_lines(snap, None, False)[2].startswith(
-        "lost events 8 (pool map full 2, retired map full 1, zerocopy ring buffer full 5)")
-    quiet = make_snap(T0, (), self_stats=SelfStats(1000, 0, 0))
+def test_lost_events_are_every_loss_counter_of_every_object() -> None:
+    # Every *_full / *_lost / *_truncated counter of any object, and no other counter: a
+    # counter the BPF side adds shows with no change to top.
+    stats = {"pagepool": {"pool_map_full": 2, "retired_map_full": 1},
+             "zerocopy": {"ringbuf_full": 5, "pending_full": 0, "proc_map_full": 0,
+                          "mmsg_truncated": 4, "malformed_events_lost": 1},
+             "netmem": {"netmem_map_full": 1, "pool_map_full": 1, "socket_map_full": 1,
+                        "call_map_full": 1, "recvmsg_calls": 99},
+             "memcg": {"memcg_map_full": 0, "memcg_unresolved": 7},
+             "holders": {"refs_lost": 3, "refs": 50}, "new": {"thing_full": 6}}
+    snap = make_snap(T0, (), stats=stats)
+    line = top.header_lines(snap, None, False)[2]
+    assert line.startswith(
+        "lost events 26 (pagepool.pool_map_full 2, pagepool.retired_map_full 1, "
+        "zerocopy.ringbuf_full 5, zerocopy.mmsg_truncated 4, zerocopy.malformed_events_lost 1, "
+        "netmem.netmem_map_full 1, netmem.pool_map_full 1, netmem.socket_map_full 1, "
+        "netmem.call_map_full 1, holders.refs_lost 3, new.thing_full 6)  snapshot"), line
+    quiet = make_snap(T0, (), stats={"pagepool": {"pool_map_full": 0}})
     assert top.header_lines(quiet, None, False)[2].startswith("lost events 0  snapshot")
 
 

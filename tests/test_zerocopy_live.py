@@ -23,10 +23,11 @@ from memcg_helpers import HIERARCHY, child_memcg, sock_bytes
 
 from netmemtrace import abi, probes
 from netmemtrace.collect import zerocopy
-from netmemtrace.collect.memcg import MemcgCollector, filter_snapshot
+from netmemtrace.collect.memcg import MemcgCollector
 from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
 from netmemtrace.session import Session
 from netmemtrace.snapshot import Unavailable
+from netmemtrace.views.dump import filter_snapshot
 from netmemtrace.views.text import verify_table
 
 pytestmark = pytest.mark.live
@@ -153,7 +154,7 @@ def test_totals_and_attribution_match_the_workload(session, workload, netns) -> 
             assert m.would_be_charged_bytes == tcp_usage + held
             assert str(w.pid) in verify_table(filter_snapshot(snap, cgroup=rel))
             assert filter_snapshot(snap, cgroup=rel + "-other").memcgs == ()
-            assert session.read().memcg_self_stats.ringbuf_lost_events == 0
+            assert session.read().stats["zerocopy"]["ringbuf_full"] == 0
         finally:
             w.stop()
 
@@ -355,13 +356,13 @@ def test_exited_rows_are_kept_for_the_retention_then_dropped_and_counted(workloa
         with child_memcg("retention") as (d, rel):
             first = exited_workload(workload, netns, d)
             second = exited_workload(workload, netns, d)
-            memcgs, stats, _ = collector.read(time.monotonic_ns())
+            memcgs, stats, _unaccepted = collector.read(time.monotonic_ns())
             (m,) = [m for m in memcgs if m.path == rel]
             assert [(p.pid, p.exited) for p in m.processes] == [(second["pid"], True)]
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
                     stats.exited_rows_expired) == (1, 1, 0)
             assert m.zerocopy.tx_zc_bytes == first["tx_zc_bytes"] + second["tx_zc_bytes"]
-            memcgs, stats, _ = collector.read(time.monotonic_ns() + int(2.5e9))
+            memcgs, stats, _unaccepted = collector.read(time.monotonic_ns() + int(2.5e9))
             (m,) = [m for m in memcgs if m.path == rel]
             assert m.processes == ()
             assert (stats.exited_process_rows, stats.exited_rows_evicted,
@@ -491,7 +492,7 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
         while pending_threads(lo.obj) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pending_threads(lo.obj) == 0
-        assert reader.stats()["pending_full"] == 0
+        assert abi.Stats("zerocopy", lo.obj.map("zc_stats")).read()["pending_full"] == 0
     finally:
         reader.close()
         lo.close()
@@ -504,8 +505,8 @@ def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch)
     real = probes.Kernel.static_check
 
     def no_mmap_events(kernel, cand):
-        if cand.tracepoint.endswith("_mmap"):
-            return f"tracepoint {cand.tracepoint} not in this kernel"
+        if cand.target.endswith("_mmap"):
+            return f"tracepoint {cand.target} not in this kernel"
         return real(kernel, cand)
 
     monkeypatch.setattr(probes.Kernel, "static_check", no_mmap_events)

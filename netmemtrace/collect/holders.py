@@ -33,6 +33,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import functools
 import mmap
 import os
 import socket
@@ -59,10 +60,9 @@ MIN_SLAB_AGREEMENT = 8         # calibration pairs that must agree on virt_to_pa
 ITERATORS = ("holders_tcp", "holders_udp", "holders_deferred", "holders_rings", "holders_cpus",
              "holders_slab", "holders_sysctl")
 
-# enum holder_where (bpf/netmemtrace.h); lower numbers win when skbs share a page
-RECEIVE, OOO, ERROR, READER, DEFER, RING = range(6)
-QUEUE_NAMES = {RECEIVE: "receive", OOO: "out_of_order", ERROR: "error", READER: "reader"}
-REC_SOCK, REC_CPU, REC_POOL, REC_SLAB, REC_SYSCTL = 1, 2, 3, 4, 5
+# Socket queues by their holder_where name, as Holder.queue_pages names them.
+QUEUE_NAMES = {"RECEIVE_QUEUE": "receive", "OOO_QUEUE": "out_of_order",
+               "ERROR_QUEUE": "error", "READER_QUEUE": "reader"}
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING",
               "NEW_SYN_RECV", "BOUND_INACTIVE")
@@ -279,9 +279,11 @@ class HoldersCollector:
         self._t = {name: btf.struct(name) for name in (
             "holder_page", "holder_sock", "holder_cpu", "holder_pool", "holder_slab",
             "holder_sysctl", "holders_config", "holders_scan_stats")}
-        self._rec_types = {REC_SOCK: self._t["holder_sock"], REC_CPU: self._t["holder_cpu"],
-                           REC_POOL: self._t["holder_pool"], REC_SLAB: self._t["holder_slab"],
-                           REC_SYSCTL: self._t["holder_sysctl"]}
+        # enum holder_rec_type: HOLDER_REC_SOCK is a struct holder_sock, and so on.
+        rec = btf.enum("holder_rec_type", "HOLDER_REC_")
+        self._rec_types = {n: self._t[f"holder_{name.lower()}"] for name, n in rec.items()}
+        self._rec_cpu = rec["CPU"]
+        holder_where()  # read while the BTF is parsed (Session drops it after loading)
         self._zombies = obj.map("zombie_pools")
         self._in_map: set[int] = set()  # what zombie_pools holds now
         self._config = obj.map("holders_config")
@@ -306,7 +308,9 @@ class HoldersCollector:
                           dict[int, tuple[Holder, ...]]] | None = None
         self._memcgs = cgroups.CgroupResolver.for_memory()
         self.last_scan: ScanReport | None = None
-        self.refs_lost_total = 0  # over every scan: exported as a counter
+        # Every counter of holders_scan_stats summed over the scans since attach.
+        self.totals = collections.Counter(
+            dict.fromkeys(abi.fields(self._t["holders_scan_stats"]), 0))
 
     def _drain(self) -> None:
         """Take every page reference the iterators sent so far off the ring buffer."""
@@ -445,12 +449,14 @@ class HoldersCollector:
         pools: dict[int, ctypes.Structure] = {}
         for name in ("holders_deferred", "holders_rings"):  # the ring drained after each
             for r in self._records(self._links[name].read_iter()):
-                if r.type == REC_CPU:
+                if r.type == self._rec_cpu:
                     cpus[r.cpu] = r
                 else:
                     pools[r.pool] = r
             self._drain()
-        stats = abi.decode(self._t["holders_scan_stats"], self._stats.lookup(ctypes.c_uint32(0)))
+        raw = self._stats.lookup(ctypes.c_uint32(0))
+        stats = abi.decode(self._t["holders_scan_stats"], raw)
+        self.totals.update(abi.counters(self._t["holders_scan_stats"], [raw]))
         readable = sum(1 for c in cpus.values() if c.readable)
         report = ScanReport(
             zombie_pools=len(zombie_addrs), netns_visited=visited,
@@ -467,7 +473,6 @@ class HoldersCollector:
                                         r.defer_warn_in_ms * 1_000_000, r.ring_refs)
                    for addr, r in pools.items()})
         self.last_scan = report
-        self.refs_lost_total += stats.refs_lost
         return _Scan(self._refs, socks, cpus, report)
 
     def _defer_lists_text(self, cal: Calibration, readable: int) -> str:
@@ -486,8 +491,8 @@ class HoldersCollector:
             self._set_zombies(set())
             self._last = None
             return pools
-        # A scan walks every socket of every netns (27-45 ms of CPU, bench/): while no
-        # zombie's inflight moved, the holders found last time still stand, for a while.
+        # A scan walks every socket of every netns (its CPU: bench/README.md, Daemon CPU):
+        # while no zombie's inflight moved, the holders found last time still stand, a while.
         state = tuple(sorted((a, p.inflight_pages) for a, p in zombies.items()
                              if isinstance(p.inflight_pages, int)))
         now = time.monotonic()
@@ -540,6 +545,13 @@ class HoldersCollector:
             self._rb = None
 
 
+@functools.cache
+def holder_where() -> dict[str, int]:
+    """enum holder_where (bpf/netmemtrace.h) from the object's BTF, names without HOLDER_:
+    where a reference was found; lower values win when skbs share a page."""
+    return abi.btf("holders").enum("holder_where", "HOLDER_")
+
+
 def is_zombie(pool: PoolSnapshot) -> bool:
     """Destroyed with pages still out (an unknown inflight counts: it may hold pages)."""
     return pool.state == "zombie" and (isinstance(pool.inflight_pages, Unavailable) or
@@ -566,7 +578,8 @@ def _socket_holder(rec: ctypes.Structure, pages: int, by_queue: dict[int, int],
         state=state, netns=owner.netns, local_addr=local, remote_addr=remote,
         socket_inode=rec.ino or None, uid=rec.uid, pid=pid, pids=owner.pids,
         comm=owner.comm, memcg=owner.memcg, memcg_source=owner.memcg_source,
-        queue_pages={QUEUE_NAMES[w]: n for w, n in sorted(by_queue.items())},
+        queue_pages={QUEUE_NAMES[name]: by_queue[n] for name, n in holder_where().items()
+                     if name in QUEUE_NAMES and n in by_queue},
         skbs=rec.skbs, partial_scan=bool(rec.partial))
 
 
@@ -584,9 +597,10 @@ def attribute(pool: PoolSnapshot, refs: Iterable[tuple[int, int, int, int]],
         if ref_pool == pool.pool_addr and (netmem not in best or where < best[netmem][0]):
             best[netmem] = (where, owner)
     per_owner: dict[tuple[str, int], collections.Counter[int]] = {}
-    for where, owner in best.values():
-        key = ("socket" if where < DEFER else "cpu" if where == DEFER else "ring", owner)
-        per_owner.setdefault(key, collections.Counter())[where] += 1
+    defer = holder_where()["DEFER_LIST"]
+    for found, owner in best.values():
+        key = ("socket" if found < defer else "cpu" if found == defer else "ring", owner)
+        per_owner.setdefault(key, collections.Counter())[found] += 1
     holders: list[Holder] = []
     for (kind, owner), by_where in per_owner.items():
         pages = sum(by_where.values())

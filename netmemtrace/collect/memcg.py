@@ -10,19 +10,16 @@ would be charged if network pages stayed accounted while user space maps them.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import abi, libbpf, netns_broker, probes
 from ..snapshot import (
     MemcgSelfStats,
     MemcgSnapshot,
     ProcessSnapshot,
-    Snapshot,
     UnacceptedSocket,
     Unavailable,
 )
@@ -70,9 +67,7 @@ class MemcgReader:
     def __init__(self, obj: libbpf.Object) -> None:
         btf = abi.btf("memcg")
         self._sock_t = btf.struct("memcg_sock")
-        self._stats_t = btf.struct("memcg_stats")
         self._sock = obj.map("memcg_sock")
-        self._stats = obj.map("memcg_stats")
         self._unaccepted_t = btf.struct("memcg_unaccepted")
         self._obj = obj
         self._unaccepted: libbpf.Link | None = None  # attached on first use
@@ -135,12 +130,6 @@ class MemcgReader:
                 listener_memcg_id=r.listener_memcg_id,
                 listener_memcg=path(r.listener_memcg_id)))
         return tuple(sorted(out, key=lambda u: -u.charge_on_accept_bytes))
-
-    def stats(self) -> dict[str, int]:
-        per_cpu = self._stats.items()[0][1]
-        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
 
 CrossCheck = Callable[[int, int], tuple[int | Unavailable, int | Unavailable]]
@@ -284,15 +273,13 @@ class MemcgCollector:
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
                               self._rows.per_memcg, awaiting)
-        zs, ms, led = self.zerocopy.stats(), self.memcg.stats(), self.zerocopy.ledger
+        led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)
         return memcgs, MemcgSelfStats(
-            ringbuf_lost_events=zs["ringbuf_full"], ledger_ranges=led.nranges,
+            ledger_ranges=led.nranges,
             ledger_overflow_ranges=led.overflow_ranges, ledger_overflow_bytes=led.overflow_bytes,
             tx_tracker_overflow_sends=self.zerocopy.tx.overflow_sends,
-            pending_full=zs["pending_full"], proc_map_full=zs["proc_map_full"],
-            memcg_map_full=ms["memcg_map_full"], memcg_unresolved=ms["memcg_unresolved"],
             smaps_mismatch_pids=mismatched,
             exited_process_rows=sum(p.exit_ns is not None for p in procs),
             exited_rows_expired=self.zerocopy.gone_expired,
@@ -300,43 +287,3 @@ class MemcgCollector:
 
     def close(self) -> None:
         self.zerocopy.close()
-
-# ---- filters for `dump --cgroup PATH --pid PID` and `--verify` (pure, over Snapshot) ----
-
-def filter_snapshot(snap: Snapshot, cgroup: str | None = None, pid: int | None = None
-                    ) -> Snapshot:
-    """Only memcgs at or under cgroup; with pid, only the memcgs and process row of pid."""
-    memcgs = []
-    for m in snap.memcgs:
-        if cgroup is not None and (m.path is None or not cgroups.is_under(m.path, cgroup)):
-            continue
-        if pid is not None:
-            procs = tuple(p for p in m.processes if p.pid == pid)
-            if not procs:
-                continue
-            m = dataclasses.replace(m, processes=procs)
-        memcgs.append(m)
-    return dataclasses.replace(snap, memcgs=tuple(memcgs))
-
-
-
-def no_match_reason(snap: Snapshot, cgroup: str | None, pid: int | None,
-                    mount: Path | None) -> str:
-    """Why `dump --cgroup/--pid` selected no memory cgroup row: one line for stderr.
-
-    mount is the memory hierarchy (CgroupResolver.mount), None when there is none."""
-    if snap.memcg_self_stats is None:
-        return "memory cgroup figures are unavailable in this snapshot (see its errors)"
-    if pid is not None and not any(p.pid == pid for m in snap.memcgs for p in m.processes):
-        if not os.path.exists(f"/proc/{pid}"):
-            return (f"--pid {pid}: no such process, and none with that pid made a zerocopy "
-                    "call before exiting while traced")
-        return (f"--pid {pid}: the process made no zerocopy call while traced (only "
-                "processes that did have a row)")
-    if cgroup is not None and (mount is None or not (mount / cgroup.lstrip("/")).is_dir()):
-        where = f"under {mount}" if mount else "(no memory cgroup hierarchy is mounted)"
-        return f"--cgroup {cgroup}: no such memory cgroup {where}"
-    if cgroup is not None and pid is not None:
-        return f"--pid {pid} has no row at or under --cgroup {cgroup}"
-    return (f"--cgroup {cgroup}: no socket memory or zerocopy event at or under it while "
-            "traced")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import mmap
 import platform
 from collections import Counter
@@ -48,11 +47,10 @@ _PAGE = mmap.PAGESIZE
 _ZERO_PAGE = bytes(_PAGE)
 HASH_MUL = 0x9E3779B97F4A7C15      # netmem.bpf.c sampled(): Fibonacci hashing
 _U64 = (1 << 64) - 1
-# Measured with kernel.bpf_stats_enabled under the veth+XDP demo (6.18, 2 vCPUs; bench/): an
-# untracked page_pool_state_hold/release event costs what an empty program does (~49 ns); a
-# tracked one ~300 ns more, one cache and TLB miss on its table slot, inherent to following a
-# page. 1 in 32 puts the event at 1.3x the empty program, inside the 1.5x budget (1 in 16:
-# 1.5x), and still tracks ~32 netmem of a 1024-netmem pool.
+# An untracked page_pool_state_hold/release event costs what an empty program does; a tracked
+# one a cache and TLB miss on its table slot, inherent to following a page. 1 in 32 keeps the
+# event inside the 1.5x budget and still tracks ~32 netmem of a 1024-netmem pool (the
+# figures, 1 in 16 beside 1 in 32: bench/README.md, netmem hold/release).
 DEFAULT_SAMPLE_N = 32
 STATES = ("pool", "driver", "stack", "application")
 TYPES = ("page", "dmabuf", "io_uring", "net_iov")
@@ -103,17 +101,6 @@ def is_sampled(netmem: int, n: int) -> bool:
     """Whether netmem.bpf.c tracks this netmem_ref at 1-in-n sampling."""
     h = (((netmem & ~1) >> 6) * HASH_MUL) & _U64
     return netmem != 0 and (h >> 32) < sample_threshold(n)
-
-
-@functools.cache
-def enum_values(enum: str, prefix: str) -> dict[str, int]:
-    """name -> value of a netmemtrace.h enum from the object's BTF, names lowercased
-    without the prefix (NETMEM_ST_APPLICATION -> "application")."""
-    types = json.loads((abi.BPF_OBJ_DIR / f"{OBJECT}.bpf.json").read_text())["types"]
-    found = next((t for t in types if t["kind"] == "ENUM" and t["name"] == enum), None)
-    if found is None:
-        raise abi.AbiError(f"enum {enum} not in the {OBJECT} object's BTF")
-    return {v["name"].removeprefix(prefix).lower(): v["val"] for v in found["values"]}
 
 
 @dataclass(frozen=True)
@@ -299,15 +286,14 @@ class NetmemReader:
         self._entry_t = btf.struct("netmem_entry")
         self._counters_t = btf.struct("netmem_pool_counters")
         self._socket_t = btf.struct("devmem_socket")
-        self._stats_t = btf.struct("netmem_stats")
         self._config_t = btf.struct("netmem_config")
         self._netmems = lo.obj.map("netmems")
         self._pools = lo.obj.map("netmem_pools")
         self._sockets = lo.obj.map("devmem_sockets")
-        self._stats = lo.obj.map("netmem_stats")
+        self._stats = abi.Stats(OBJECT, lo.obj.map("netmem_stats"))
         self._config = lo.obj.map(CONFIG_MAP)
-        self._states = {v: k for k, v in enum_values("netmem_state", "NETMEM_ST_").items()}
-        self._types = {v: k for k, v in enum_values("netmem_type", "NETMEM_TYPE_").items()}
+        self._states = {v: k.lower() for k, v in btf.enum("netmem_state", "NETMEM_ST_").items()}
+        self._types = {v: k.lower() for k, v in btf.enum("netmem_type", "NETMEM_TYPE_").items()}
         self._cgroups = CgroupResolver.for_memory()
         self.configure(sample_n)
 
@@ -368,11 +354,6 @@ class NetmemReader:
                 hold_sum_ns=sum(c.hold_sum_ns for c in cs))
         return out
 
-    def stats(self) -> dict[str, int]:
-        decoded = [abi.decode(self._stats_t, v) for v in self._stats.items()[0][1]]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
-
     def read(self, now_ns: int, pools: list[PoolSnapshot]
              ) -> tuple[list[PoolSnapshot], tuple[DevmemSocket, ...], NetmemSummary]:
         """Pools with their states and hold histograms, devmem sockets, and the summary."""
@@ -394,7 +375,7 @@ class NetmemReader:
             Unavailable(app_missing) if app_missing else
             holders(apps, factor, now_ns, {t.tgid: comm_of(t.tgid) for t in apps},
                     {t.memcg_id: self._memcg_path(t.memcg_id) for t in apps}))
-        st = self.stats()
+        st = self._stats.read()
         handed_missing = missing_hooks(["io_zcrx_queue_cqe"], status)
         refill_missing = missing_hooks(["io_pp_zc_alloc_netmems"], status)
         summary = NetmemSummary(
@@ -408,10 +389,6 @@ class NetmemReader:
             zcrx_buffers_handed=Unavailable(handed_missing) if handed_missing
             else st["zcrx_buffers"],
             zcrx_refills=Unavailable(refill_missing) if refill_missing else st["zcrx_refills"],
-            tracked_map_full_total=st["netmem_map_full"],
-            pool_map_full_total=st["pool_map_full"],
-            socket_map_full_total=st["socket_map_full"],
-            call_map_full_total=st["call_map_full"],
         )
         return out_pools, sockets, summary
 
@@ -426,14 +403,14 @@ class NetmemReader:
         for p in pools:
             if p.state == "released":
                 gone = Unavailable("pool freed: its netmem counters were dropped with it")
-                out.append(replace(p, states=gone, netmem_hold_ns=gone))
+                out.append(replace(p, netmem_states=gone, netmem_hold_ns=gone))
                 continue
             states = pool_states(by_pool.get(p.pool_addr, ()), totals.get(p.pool_addr), factor,
                                  [PROVIDER_TYPES.get(p.provider, "net_iov")], missing)
             hist: HoldHistogram | Unavailable = hold_histogram(totals.get(p.pool_addr), factor)
             if isinstance(states.application, Unavailable):
                 hist = states.application
-            out.append(replace(p, states=states, netmem_hold_ns=hist))
+            out.append(replace(p, netmem_states=states, netmem_hold_ns=hist))
         return out
 
     def _devmem_sockets(self, now_ns: int, factor: int, held_missing: str | None

@@ -126,11 +126,9 @@ class PagePoolReader:
         self._counters_t = btf.struct("pool_counters")
         self._info_t = btf.struct("pool_info")
         self._retired_t = btf.struct("retired_pool")
-        self._stats_t = btf.struct("pagepool_stats")
         self._counters = obj.map("pool_counters")
         self._info = obj.map("pools")
         self._retired = obj.map("retired_pools")
-        self._stats = obj.map("pagepool_stats")
         # (pool, first_seen_ns) -> (hold+release events, monotonic ns they last changed)
         self._activity: dict[tuple[int, int], tuple[int, int | None]] = {}
         # pool id -> monotonic ns netlink first listed it (pools with no event since attach)
@@ -140,12 +138,6 @@ class PagePoolReader:
         # pool id (or address, first seen) -> its NIC as last found while it existed: the
         # name and netns of a zombie whose NIC is gone
         self._nics: dict[object, Location] = {}
-
-    def stats(self) -> dict[str, int]:
-        per_cpu = self._stats.items()[0][1]
-        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
     def read(self, now_ns: int, kernel: KernelView | Unavailable) -> list[PoolSnapshot]:
         """Every pool: those the tracepoints saw, then those only netlink lists (idle since

@@ -15,6 +15,7 @@ import select
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 
 from .. import abi, libbpf, probes
@@ -22,8 +23,6 @@ from ..snapshot import Unavailable, ZerocopyStats
 from . import cgroups
 from .ledger import PAGE, Ledger
 
-ZC_EV_RX_MAP, ZC_EV_UNMAP, ZC_EV_MAP_NEW, ZC_EV_MREMAP = 1, 2, 3, 4
-ZC_EV_EXIT, ZC_EV_FORK, ZC_EV_TX_SEND, ZC_EV_TX_DONE = 5, 6, 7, 8
 _U32 = 1 << 32
 COUNTER_FIELDS = (
     "rx_calls", "rx_errors", "rx_mapped_bytes", "rx_copied_bytes", "rx_skip_hint_bytes",
@@ -310,9 +309,9 @@ class ZerocopyReader:
         self._key_t = btf.struct("zc_key")
         self._counters_t = btf.struct("zc_counters")
         self._event_t = btf.struct("zc_event")
-        self._stats_t = btf.struct("zc_stats")
+        # enum zc_event_type, names without ZC_EV_: ev.RX_MAP is ZC_EV_RX_MAP
+        self._ev = types.SimpleNamespace(**btf.enum("zc_event_type", "ZC_EV_"))
         self._counters = obj.map("zc_counters")
-        self._stats = obj.map("zc_stats")
         self._tasks = obj.map("zc_tasks")
         self._seen = obj.map(".data.seen")
         self._task_t = btf.struct("zc_task")
@@ -387,25 +386,25 @@ class ZerocopyReader:
             self.bad_events += 1
             return
         e = abi.decode(self._event_t, raw)
-        led = self.ledger
-        if e.type == ZC_EV_RX_MAP:
+        led, ev = self.ledger, self._ev
+        if e.type == ev.RX_MAP:
             led.rx_map(e.tgid, e.cgroup_id, e.addr, e.len, e.ts_ns, e.len2)
-        elif e.type == ZC_EV_UNMAP:
+        elif e.type == ev.UNMAP:
             led.unmap(e.tgid, e.addr, e.len)
-        elif e.type == ZC_EV_MAP_NEW:
+        elif e.type == ev.MAP_NEW:
             led.unmap(e.tgid, e.addr, e.len)  # a new mapping replaced whatever was there
-        elif e.type == ZC_EV_MREMAP:
+        elif e.type == ev.MREMAP:
             led.remap(e.tgid, e.addr, e.len, e.addr2, e.len2)
-        elif e.type == ZC_EV_FORK:
+        elif e.type == ev.FORK:
             led.fork(e.tgid, e.aux)
-        elif e.type == ZC_EV_EXIT:
+        elif e.type == ev.EXIT:
             hwm = led.proc_hwm.get(e.tgid, 0)
             led.exit(e.tgid)
             if not e.flags:  # exit, not exec: fold its counters into its memcg
                 self._retire(e.tgid, e.ts_ns, e.comm.decode(errors="replace"), hwm)
-        elif e.type == ZC_EV_TX_SEND:
+        elif e.type == ev.TX_SEND:
             self.tx.send(e.sk, e.tgid, e.aux, e.aux2, e.len)
-        elif e.type == ZC_EV_TX_DONE:
+        elif e.type == ev.TX_DONE:
             self.tx.done(e.sk, e.aux, e.aux2)
         else:
             self.bad_events += 1
@@ -448,12 +447,6 @@ class ZerocopyReader:
                 break
             del self.gone[key]
             self.gone_expired += 1
-
-    def stats(self) -> dict[str, int]:
-        per_cpu = self._stats.items()[0][1]
-        decoded = [abi.decode(self._stats_t, v) for v in per_cpu]
-        return {name: sum(getattr(d, name) for d in decoded)
-                for name, _ in self._stats_t._fields_ if not name.startswith("_")}
 
     def read(self, now_ns: int | None = None
              ) -> tuple[list[ProcessFigures], dict[int, dict[str, int]], dict[int, int]]:

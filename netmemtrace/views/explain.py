@@ -177,5 +177,6 @@ def render(snap: Snapshot, pools: list[PoolSnapshot], scan: ScanReport | None) -
     lines.append("")
     lines.extend(_checked(scan))
     if snap.errors:
-        lines.append("collector errors: " + "; ".join(snap.errors))
+        lines.append("collector errors: " + "; ".join(f"{e.collector}: {e.message}"
+                                                      for e in snap.errors))
     return "\n".join(lines)

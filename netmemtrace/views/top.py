@@ -33,6 +33,7 @@ from ..snapshot import (
     Recycling,
     Snapshot,
     Unavailable,
+    lost_events,
 )
 
 UNKNOWN = "-"          # a rate before the second snapshot, or a figure the pool does not have
@@ -429,18 +430,6 @@ def section(table: Table, state: TableState, focused: bool) -> Section:
     )
 
 
-def lost_events(snap: Snapshot) -> dict[str, int]:
-    """Events the BPF side had to drop since attach, by cause: the figures undercount."""
-    st, ms = snap.self_stats, snap.memcg_self_stats
-    lost = {"pool map full": st.pool_map_full_total,
-            "retired map full": st.retired_map_full_total}
-    if ms is not None:
-        lost |= {"zerocopy ring buffer full": ms.ringbuf_lost_events,
-                 "zerocopy syscalls untracked": ms.pending_full,
-                 "process map full": ms.proc_map_full, "memcg map full": ms.memcg_map_full}
-    return lost
-
-
 TURN_ON = "turn on with "  # how the reason of a hook off by choice says to switch it on
 
 
@@ -473,14 +462,16 @@ def header_lines(cur: Snapshot, prev: Snapshot | None, paused: bool) -> list[str
     span = (f"rates over {(cur.taken_monotonic_ns - prev.taken_monotonic_ns) / 1e9:.1f}s"
             if prev else "rates from the next refresh")
     first = f"{FRAME_START}{clock}  host {cur.host}  kernel {cur.kernel_release}  {span}"
-    lost = {name: n for name, n in lost_events(cur).items() if n}
+    # Events netmemtrace had to drop since attach ("object.counter"): figures undercount.
+    lost = {f"{obj}.{counter}": n for obj, counter, n in lost_events(cur.stats) if n}
     detail = f" ({', '.join(f'{k} {v}' for k, v in lost.items())})" if lost else ""
     return [
         first + ("  PAUSED" if paused else ""),
         probes_line(cur.probes),
         f"lost events {sum(lost.values())}{detail}  snapshot built in "
         f"{cur.self_stats.snapshot_build_ns / 1e6:.1f} ms",
-        "errors: " + ("; ".join(cur.errors) if cur.errors else "none"),
+        "errors: " + ("; ".join(f"{e.collector}: {e.message}" for e in cur.errors)
+                      if cur.errors else "none"),
     ]
 
 
