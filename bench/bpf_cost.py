@@ -17,10 +17,10 @@ from pathlib import Path
 
 from common import BENCH, BenchError, Bpftrace, bpf_stats, compile_floor, iperf3, prog_stats
 
-from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import DEFAULT_SAMPLE_N, NetmemReader, shared_maps
-from netmemtrace.demo import VethTopology, tcp_stream
+from netmemtrace.kernel import abi, probes
 from netmemtrace.session import STACK_OFF, Session
+from netmemtrace.workload.demo import VethTopology, tcp_stream
 
 FLOOR_MECHANISMS = ("raw_tp", "tp_btf", "tracepoint")
 BPFTRACE_SCRIPT = BENCH / "pagepool.bt"

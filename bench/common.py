@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from netmemtrace.demo import VethTopology
+from netmemtrace.workload.demo import VethTopology
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from common import BENCH, BenchError, Tool, http_get, serve_available
 
-from netmemtrace.probes import ProbeStatus
+from netmemtrace.kernel.probes import ProbeStatus
 from netmemtrace.snapshot import (
     KernelPoolView,
     MemcgSnapshot,
@@ -213,7 +213,7 @@ def _variant(url: str, collectors: list, accept: str) -> dict[str, object]:
     and renders afresh as serve does (SnapshotCache.fresh over an Expositions)."""
     from prometheus_client.exposition import choose_encoder
 
-    from netmemtrace.serve import Exposition
+    from netmemtrace.commands.serve import Exposition
 
     encoder, content_type = choose_encoder(accept)
     collect_ms = _median_ms(lambda: Exposition(collectors, {}))
@@ -240,13 +240,18 @@ def scrape_render() -> dict[str, object]:
     rendering the format (netmemtrace's encoder; prometheus_client's own for comparison),
     and the whole scrape over loopback HTTP with that fresh collection (FRESH)."""
     try:
+        from netmemtrace.commands.serve import (
+            OPENMETRICS_ACCEPT,
+            Expositions,
+            Health,
+            SnapshotCache,
+        )
+        from netmemtrace.commands.serve import _routes as routes
         from netmemtrace.http.server import ExporterServer
         from netmemtrace.http.webconfig import WebConfig
-        from netmemtrace.serve import OPENMETRICS_ACCEPT, Expositions, Health, SnapshotCache
-        from netmemtrace.serve import _routes as routes
         from netmemtrace.views.prometheus.collector import SnapshotCollector
     except ImportError as exc:
-        return {"skipped": f"netmemtrace.serve not importable: {exc}"}
+        return {"skipped": f"netmemtrace.commands.serve not importable: {exc}"}
 
     snap = synthetic_snapshot()
     result: dict[str, object] = {"pools": SYNTHETIC_POOLS, "memcgs": SYNTHETIC_MEMCGS}

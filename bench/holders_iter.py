@@ -26,10 +26,11 @@ import statistics
 import time
 from collections.abc import Iterator
 
-from netmemtrace import abi, demo, probes
 from netmemtrace.collect.holders import ITERATORS, HoldersCollector, is_zombie
+from netmemtrace.kernel import abi, probes
 from netmemtrace.session import Session
 from netmemtrace.snapshot import PoolSnapshot
+from netmemtrace.workload import demo
 
 BPF_STATS_RUN_TIME = 0
 

@@ -29,8 +29,8 @@ import syscall_cost
 import throughput
 from common import RESULTS, BenchError
 
-from netmemtrace.demo import DemoError
-from netmemtrace.probes import SetupError
+from netmemtrace.kernel.probes import SetupError
+from netmemtrace.workload.demo import DemoError
 
 Row = tuple[str, ...]
 

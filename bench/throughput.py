@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from bpf_cost import BPFTRACE_SCRIPT
 from common import BenchError, Bpftrace, Tool, iperf3, serve_available
 
-from netmemtrace.demo import VethTopology
+from netmemtrace.workload.demo import VethTopology
 
 SECONDS = 5.0
 PARALLEL = 4

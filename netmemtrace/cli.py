@@ -1,23 +1,22 @@
-"""Command line: `netmemtrace {dump,probes,demo}`. Errors are one line on stderr, exit 2."""
+"""Command line: the parser and the dispatch to netmemtrace/commands/. Errors are one line
+on stderr, exit 2."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from types import FrameType, ModuleType
 from typing import NoReturn
 
-from . import __version__, abi, demo, libbpf, options, probes
-from .collect import cgroups, zerocopy
-from .collect.netmem import DEFAULT_SAMPLE_N
-from .session import open_session
-from .views.text import align_columns, pool_summary, verify_table
+from netmemtrace import __version__
+from netmemtrace.collect.netmem import DEFAULT_SAMPLE_N
+from netmemtrace.commands import Terminate, options
+from netmemtrace.kernel import abi, libbpf, probes
+from netmemtrace.workload import demo
 
 EPILOG = """\
 examples:
@@ -33,18 +32,17 @@ Needs root (or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN) and kernel BTF
 """
 
 
-class _Terminate(Exception):
-    """SIGTERM, turned into an exception so the same cleanup as Ctrl-C runs."""
-
-
 def _on_sigterm(_sig: int, _frame: FrameType | None) -> None:
-    raise _Terminate
+    raise Terminate
 
 
-# Commands whose module brings heavy imports (curses; prometheus_client, bcrypt, yaml, ssl):
-# imported only when that command runs, so every command starts fast.
-COMMAND_MODULES = {"top": "netmemtrace.topcmd", "serve": "netmemtrace.serve",
-                   "explain-zombie": "netmemtrace.explaincmd"}
+# One module per command (add_arguments, run), imported only when that command runs: some
+# bring heavy imports (curses; prometheus_client, bcrypt, yaml, ssl), and every command
+# should start fast.
+COMMAND_MODULES = {"dump": "netmemtrace.commands.dump", "probes": "netmemtrace.commands.probes",
+                   "top": "netmemtrace.commands.top", "serve": "netmemtrace.commands.serve",
+                   "explain-zombie": "netmemtrace.commands.explain_zombie",
+                   "demo": "netmemtrace.commands.demo"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,26 +108,14 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "Every field, its unit and meaning: README.md. A "
                                    "figure the kernel cannot give here is "
                                    '{"unavailable": reason}, never 0.')
-    d.add_argument("--duration", type=options.DUMP_DURATION, default=1.0, metavar="S",
-                   help="seconds to trace before the snapshot (default 1)")
-    d.add_argument("--cgroup", metavar="PATH",
-                   help="only memory cgroups at or under PATH (as in /proc/PID/cgroup); "
-                        "matching none: the (empty) document, why on stderr, exit 1")
-    d.add_argument("--pid", type=options.PID, metavar="PID",
-                   help="only the memory cgroup and process row of PID (exited ones "
-                        "included); matching none: as for --cgroup")
-    d.add_argument("--output", metavar="FILE",
-                   help="write the JSON document to FILE and print a short table of the page "
-                        "pools instead (hold/release per second averaged since first seen)")
-    d.add_argument("--verify", action="store_true",
-                   help="also print, on stderr, the zerocopy ledger beside each process's "
-                        "/proc/PID/smaps socket: Rss")
+    add_options("dump", d)
 
-    sub.add_parser("probes", help="table of hooks: mechanism chosen, attached, reason",
+    pr = sub.add_parser("probes", help="table of hooks: mechanism chosen, attached, reason",
                    description="Load every BPF object as `dump` would and print, per hook, "
                                "the attach mechanism chosen (tp_btf, raw_tp, tracepoint, "
                                "fentry, kprobe), whether it attached, and why the others "
                                "were passed over.")
+    add_options("probes", pr)
 
     t = sub.add_parser("top", help="live terminal view: page pools and memory cgroups",
                        description="Full-screen view refreshed every --interval seconds. "
@@ -157,86 +143,21 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                                    "an XDP_PASS program on the receiver (so the kernel's "
                                    "page_pool runs), push TCP through it, remove everything "
                                    "on exit (Ctrl-C included).")
-    m.add_argument("--duration", type=options.DEMO_DURATION, default=30.0, metavar="S",
-                   help="seconds of traffic (default 30)")
+    add_options("demo", m)
     return p
-
-
-def _cmd_dump(args: argparse.Namespace) -> int:
-    from .views import dump
-
-    output = None
-    if args.output:  # checked before attaching, not after the whole trace
-        try:
-            output = open(args.output, "w")  # noqa: SIM115 - closed once written below
-        except OSError as exc:
-            raise probes.SetupError(f"--output {args.output}: {exc.strerror}") from None
-    with open_session(args, rows=zerocopy.DUMP_ROWS) as session:
-        status = session.probe_status()
-        print(f"netmemtrace: {sum(s.attached for s in status)}/{len(status)} probes attached; "
-              f"tracing for {args.duration:g} s (Ctrl-C: snapshot now)", file=sys.stderr)
-        # Like bcc tools: an early stop still prints what was traced.
-        with contextlib.suppress(KeyboardInterrupt, _Terminate):
-            time.sleep(args.duration)
-        whole = session.read()
-    snap = dump.filter_snapshot(whole, cgroup=args.cgroup, pid=args.pid)
-    if output:
-        with output:
-            output.write(dump.render(snap) + "\n")
-        print(pool_summary(snap))
-        print(f"\nfull JSON (every field: README.md): {args.output}\n"
-              "next: sudo netmemtrace top    a live view (from a checkout: "
-              "sudo .venv/bin/netmemtrace top; all commands: netmemtrace --help)")
-    else:
-        print(dump.render(snap))
-    if args.verify:
-        print(verify_table(snap), file=sys.stderr)
-    if (args.cgroup is not None or args.pid is not None) and not snap.memcgs:
-        # Like grep: the document is still printed, the exit status says nothing matched
-        # (2 stays for errors: nothing was wrong with the trace itself).
-        resolver = cgroups.CgroupResolver.for_memory()
-        print("netmemtrace: " + dump.no_match_reason(
-            whole, args.cgroup, args.pid, resolver.mount if resolver else None),
-            file=sys.stderr)
-        return 1
-    return 0
-
-
-def format_probes(rows: Sequence[probes.ProbeStatus]) -> str:
-    header = ("OBJECT", "HOOK", "MECHANISM", "ATTACHED", "REASON")
-    return align_columns([header] + [
-        (r.object, r.hook, r.mechanism or "-", "yes" if r.attached else "no", r.reason or "-")
-        for r in rows
-    ])
-
-
-def _cmd_probes(args: argparse.Namespace) -> int:
-    with open_session(args) as session:
-        print(format_probes(session.probe_status()))
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    demo.run_demo(args.duration)
-    return 0
-
-
-COMMANDS = {"dump": _cmd_dump, "probes": _cmd_probes, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    command = next((w for w in words if w in COMMAND_MODULES or w in COMMANDS), None)
+    command = next((w for w in words if w in COMMAND_MODULES), None)
     args = _parser(only=command).parse_args(words)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command in COMMAND_MODULES:
-            return _command_module(args.command).run(args)
-        return COMMANDS[args.command](args)
+        return _command_module(args.command).run(args)
     except (probes.SetupError, abi.AbiError, libbpf.LibbpfError, demo.DemoError) as exc:
         print(f"netmemtrace: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminate):
+    except (KeyboardInterrupt, Terminate):
         return 0
 
 

@@ -14,19 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import abi, caps, kallsyms, libbpf, netns_broker, options, probes
-from .collect import netlink, resolve, zerocopy
-from .collect.holders import HoldersCollector, ScanReport
-from .collect.memcg import MemcgCollector
-from .collect.netmem import (
+from netmemtrace.collect import zerocopy
+from netmemtrace.collect.holders import HoldersCollector, ScanReport
+from netmemtrace.collect.memcg import MemcgCollector
+from netmemtrace.collect.netmem import (
     DEFAULT_SAMPLE_N,
     HEAD_PAGE_SYMBOLS,
     SHARED_MAPS,
     NetmemReader,
     sample_threshold,
 )
-from .collect.pagepool import PagePoolReader, device_summaries
-from .snapshot import (
+from netmemtrace.collect.pagepool import PagePoolReader, device_summaries
+from netmemtrace.commands import options
+from netmemtrace.host import netlink, resolve
+from netmemtrace.kernel import abi, kallsyms, libbpf, probes
+from netmemtrace.privilege import caps, netns_broker
+from netmemtrace.snapshot import (
     CollectorError,
     CollectorRun,
     DeviceSummary,

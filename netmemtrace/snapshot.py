@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .probes import ProbeStatus
+from netmemtrace.kernel.probes import ProbeStatus
 
 SCHEMA_VERSION = 2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netmemtrace import abi, probes
+from netmemtrace.kernel import abi, probes
 
 REPO = Path(__file__).resolve().parent.parent
 # Inside the kernel matrix's guests (tests/kernels/, QEMU TCG) code runs 6-16x slower than

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from netmemtrace.collect import cgroups
+from netmemtrace.host import cgroups
 
 HIERARCHY = cgroups.memory_hierarchy()
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import REPO
 
-from netmemtrace import abi
+from netmemtrace.kernel import abi
 from netmemtrace.session import OBJECT_SPECS
 
 HEADER = (REPO / "bpf" / "netmemtrace.h").read_text()

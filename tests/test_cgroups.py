@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from netmemtrace.collect import cgroups
-from netmemtrace.collect.cgroups import CgroupIdentity, identity
+from netmemtrace.host import cgroups
+from netmemtrace.host.cgroups import CgroupIdentity, identity
 
 CID = "3f2a9c0d5e7b8a1c4d6e8f0a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f4a6b8c"
 UID = "0d9e5f1a-7b2c-4c3d-9e8f-1a2b3c4d5e6f"

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import pytest
 from conftest import REPO, SLOW, TIMINGS, TraceInstance
 
-from netmemtrace import demo
 from netmemtrace.snapshot import SCHEMA_VERSION
+from netmemtrace.workload import demo
 
 XDP_ATTACHED_DRV = 1  # "mode" in `ip -j link` for native (driver) XDP
 MIB = 1 << 20
@@ -197,7 +197,7 @@ def test_run_demo_honours_stop_event() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_demo_cleans_up_on_signal(signum: signal.Signals) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", "from netmemtrace.demo import run_demo; run_demo(60)"],
+        [sys.executable, "-c", "from netmemtrace.workload.demo import run_demo; run_demo(60)"],
         cwd=pathlib.Path(__file__).parent.parent,
         stderr=subprocess.PIPE,
         text=True,

@@ -20,7 +20,8 @@ from conftest import REPO, SLOW
 from test_exporter import full_snapshot, pool, registry, snapshot
 from test_serve_live import SERVE, Served, http_get, values
 
-from netmemtrace import caps, demo
+from netmemtrace.privilege import caps
+from netmemtrace.workload import demo
 
 DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "netmemtrace-alerts.yml"
@@ -222,7 +223,7 @@ def test_unit_capability_set_is_enough_and_minimal() -> None:
     setpriv = [tool("setpriv"), f"--bounding-set=-all,{bounding}", "--inh-caps=-all", "--"]
     served = Served("--interval", "1", wrapper=setpriv)
     try:
-        # Attached, then dropped to what reading needs (netmemtrace.caps).
+        # Attached, then dropped to what reading needs (netmemtrace.privilege.caps).
         status = Path(f"/proc/{served.proc.pid}/status").read_text()
         eff = int(re.search(r"CapEff:\s+([0-9a-f]+)", status)[1], 16)
         assert eff == sum(1 << c for c in caps.KEEP)

@@ -19,7 +19,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from netmemtrace.collect import holders as holders_mod
-from netmemtrace.probes import ProbeStatus
+from netmemtrace.kernel.probes import ProbeStatus
 from netmemtrace.snapshot import (
     HOLDER_KINDS,
     CollectorError,

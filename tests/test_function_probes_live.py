@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import SLOW, VETH_PAGE_POOL, kernel_version
 
-from netmemtrace import demo, probes
+from netmemtrace.kernel import probes
 from netmemtrace.session import Session
+from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 

@@ -18,7 +18,8 @@ from memcg_helpers import child_memcg
 from test_serve_live import Served, http_get, values
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
 
-from netmemtrace import demo, options
+from netmemtrace.commands import options
+from netmemtrace.workload import demo
 
 DUMP = [sys.executable, "-m", "netmemtrace.cli", "dump"]
 

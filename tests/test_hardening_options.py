@@ -1,4 +1,4 @@
-"""Issue 17.3: every numeric option is validated in one place (netmemtrace/options.py): a
+"""Issue 17.3: every numeric option is validated in one place (netmemtrace/commands/options.py): a
 value the option cannot mean is one line on stderr and exit 2, never a traceback, a dead
 thread or a silent no-op."""
 
@@ -15,7 +15,8 @@ from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netmemtrace import cli, options
+from netmemtrace import cli
+from netmemtrace.commands import options
 
 # (argv before the option, option, low, high, low allowed, integer)
 OPTIONS = [

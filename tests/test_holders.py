@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from netmemtrace import abi
 from netmemtrace.collect import holders
 from netmemtrace.collect.holders import (
     PoolRetryState,
@@ -26,6 +25,7 @@ from netmemtrace.collect.holders import (
     percpu_offsets,
     slab_page_base,
 )
+from netmemtrace.kernel import abi
 from netmemtrace.snapshot import Holder, PoolSnapshot, Snapshot, Unavailable
 from netmemtrace.views import explain
 

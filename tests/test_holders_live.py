@@ -21,10 +21,13 @@ import pytest
 from conftest import REPO, SLOW, flush_deferred_skbs
 from test_pagepool_live import RELEASE_RE, our_pool
 
-from netmemtrace import abi, cli, demo, explaincmd, probes
+from netmemtrace import cli
 from netmemtrace.collect.holders import HoldersCollector, entered_netns
+from netmemtrace.commands import explain_zombie as explaincmd
+from netmemtrace.kernel import abi, probes
 from netmemtrace.session import Session
 from netmemtrace.snapshot import PoolSnapshot
+from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 

@@ -19,10 +19,10 @@ import pytest
 from conftest import SLOW, TIMINGS
 from test_serve_live import Served, basic, http_get
 
+from netmemtrace.commands.serve import Health, SnapshotCache
 from netmemtrace.http import server as http_server
 from netmemtrace.http.server import ExporterServer, Response
 from netmemtrace.http.webconfig import WebConfig
-from netmemtrace.serve import Health, SnapshotCache
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from netmemtrace.http.webconfig import load_web_config
-from netmemtrace.probes import SetupError
+from netmemtrace.kernel.probes import SetupError
 
 HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
 

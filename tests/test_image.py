@@ -31,7 +31,8 @@ from test_deploy import k8s_docs
 from test_netns_broker import check_broker_process
 from test_serve_live import Prometheus, http_get
 
-from netmemtrace import caps, demo, netns_broker
+from netmemtrace.privilege import caps, netns_broker
+from netmemtrace.workload import demo
 
 pytestmark = [pytest.mark.live, pytest.mark.image]
 

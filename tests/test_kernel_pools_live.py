@@ -195,9 +195,9 @@ def test_every_listed_pool_matches_netlink_in_every_netns(drivers: None) -> None
 
 
 def test_netlink_reader_agrees_with_the_independent_client() -> None:
-    """collect/netlink.py's dumps in our netns equal the independent client's (empty on a
+    """host/netlink.py's dumps in our netns equal the independent client's (empty on a
     kernel that lists nothing: both must say so)."""
-    from netmemtrace.collect import netlink
+    from netmemtrace.host import netlink
 
     truth = json.loads(subprocess.run([sys.executable, CLIENT], check=True,
                                       capture_output=True, text=True).stdout)

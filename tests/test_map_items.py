@@ -8,7 +8,7 @@ import ctypes
 
 import pytest
 
-from netmemtrace import abi, libbpf, probes
+from netmemtrace.kernel import abi, libbpf, probes
 
 pytestmark = pytest.mark.live
 

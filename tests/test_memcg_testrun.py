@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO, SLOW
 from memcg_helpers import child_memcg
 
-from netmemtrace import abi, libbpf, probes
 from netmemtrace.collect.memcg import FUNCTION_SOURCE, TRACEPOINT_SOURCE, MemcgReader
+from netmemtrace.kernel import abi, libbpf, probes
 
 pytestmark = pytest.mark.live
 

@@ -29,8 +29,9 @@ import pytest
 from conftest import SLOW
 from memcg_helpers import child_cgroup_v2, memory_stat
 
-from netmemtrace import abi, probes
-from netmemtrace.collect import cgroups, memcg
+from netmemtrace.collect import memcg
+from netmemtrace.host import cgroups
+from netmemtrace.kernel import abi, probes
 from netmemtrace.session import Session
 from netmemtrace.snapshot import MemcgSnapshot, Snapshot
 

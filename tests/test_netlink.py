@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from netmemtrace.collect import netlink
+from netmemtrace.host import netlink
 from netmemtrace.snapshot import KernelPoolView, RecycleStats
 
 

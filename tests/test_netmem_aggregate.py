@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from netmemtrace import abi
 from netmemtrace.collect.netmem import (
     APP_HOOKS,
     CORE_HOOKS,
@@ -25,7 +24,8 @@ from netmemtrace.collect.netmem import (
     sample_threshold,
     unavailable_states,
 )
-from netmemtrace.probes import ProbeStatus
+from netmemtrace.kernel import abi
+from netmemtrace.kernel.probes import ProbeStatus
 from netmemtrace.snapshot import HoldBucket, Unavailable
 
 POOL = 0xFFFF_8880_DEAD_0000

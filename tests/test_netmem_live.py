@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SLOW, flush_deferred_skbs
 
-from netmemtrace import abi, demo, probes
 from netmemtrace.collect.netmem import NetmemReader, shared_maps
 from netmemtrace.collect.pagepool import PagePoolReader
+from netmemtrace.kernel import abi, probes
 from netmemtrace.snapshot import DevmemSocket, NetmemSummary, Unavailable
+from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 

@@ -9,7 +9,6 @@ import subprocess
 import pytest
 from conftest import bpf_prog_ids
 
-from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import (
     APP_HOOKS,
     ARGS_HOOKS,
@@ -21,6 +20,7 @@ from netmemtrace.collect.netmem import (
     shared_maps,
     unavailable_states,
 )
+from netmemtrace.kernel import abi, probes
 
 OBJ = str(abi.object_path("netmem"))
 TRACEPOINT_HOOKS = {"netif_receive_skb", "tcp_destroy_sock"}

@@ -20,7 +20,6 @@ import pytest
 from test_netmem_aggregate import model_of, recorded_sequence
 from workloads.devmem_calls import MSG_SOCK_DEVMEM, SCM_DEVMEM_DMABUF, SO_DEVMEM_DONTNEED
 
-from netmemtrace import abi, probes
 from netmemtrace.collect.netmem import (
     HASH_MUL,
     POOL_OBJECT_HOOKS,
@@ -32,6 +31,7 @@ from netmemtrace.collect.netmem import (
     shared_maps,
     slot_mask,
 )
+from netmemtrace.kernel import abi, probes
 from netmemtrace.snapshot import DevmemSocket
 
 pytestmark = pytest.mark.live

@@ -1,6 +1,6 @@
-"""The netns broker (netmemtrace/netns_broker.py) and the per-thread capability drop
-(netmemtrace/caps.py): what the broker holds and accepts, that it never outlives the daemon,
-and that a thread started before the drop fails it.
+"""The netns broker (netmemtrace/privilege/netns_broker.py) and the per-thread capability
+drop (netmemtrace/privilege/caps.py): what the broker holds and accepts, that it never
+outlives the daemon, and that a thread started before the drop fails it.
 
 The broker is started in-process here (pytest runs as root with every capability); anything
 that drops capabilities runs in a child process, since the drop is for good."""
@@ -18,8 +18,9 @@ import time
 import pytest
 from conftest import REPO, SLOW
 
-from netmemtrace import caps, demo, netns_broker
-from netmemtrace.collect import resolve
+from netmemtrace.host import resolve
+from netmemtrace.privilege import caps, netns_broker
+from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 

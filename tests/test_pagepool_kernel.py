@@ -2,7 +2,7 @@
 netlink lists, the real NIC of a pool re-parented to loopback, a zombie's remembered NIC,
 zombie age from detach-time, recycling figures and the per-device ynltool parity. The
 BPF maps are real (and empty: no event is run), the netlink view is synthetic, built as
-collect/netlink.py builds it from the kernel's replies."""
+host/netlink.py builds it from the kernel's replies."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 import pytest
 
 from netmemtrace.collect import pagepool
-from netmemtrace.collect.netlink import KernelView, NetnsView
 from netmemtrace.collect.pagepool import PagePoolReader, device_summaries, recycling
+from netmemtrace.host.netlink import KernelView, NetnsView
 from netmemtrace.snapshot import KernelPoolView, RecycleStats, Recycling, Unavailable
 
 pytestmark = pytest.mark.live  # loads pagepool.bpf.o (empty maps)

@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import SLOW, flush_deferred_skbs
 
-from netmemtrace import demo
 from netmemtrace.session import Session
+from netmemtrace.workload import demo
 
 pytestmark = [pytest.mark.live, pytest.mark.veth_page_pool]
 

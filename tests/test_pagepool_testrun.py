@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from netmemtrace import abi
-from netmemtrace.collect.netlink import KernelView
 from netmemtrace.collect.pagepool import PagePoolReader
+from netmemtrace.host.netlink import KernelView
+from netmemtrace.kernel import abi
 from netmemtrace.snapshot import Unavailable
 
 pytestmark = pytest.mark.live

@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import REPO, SLOW, bpf_prog_ids, prog_ids_held_by
 
-from netmemtrace import abi, libbpf, probes
-from netmemtrace.cli import format_probes
+from netmemtrace.commands.probes import format_probes
+from netmemtrace.kernel import abi, libbpf, probes
 from netmemtrace.snapshot import SCHEMA_VERSION
 
 OBJ = str(abi.object_path("pagepool"))
@@ -209,7 +209,7 @@ def test_btf_path_is_used_for_core(tmp_path) -> None:
 def test_capabilities_dropped_after_attach() -> None:
     import time
 
-    from netmemtrace import caps
+    from netmemtrace.privilege import caps
 
     proc = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump", "--duration",
                              "3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""collect/pyroute2_lean.py: the collectors import only the pyroute2 submodules they use (the
+"""host/pyroute2_lean.py: the collectors import only the pyroute2 submodules they use (the
 package's __init__ costs 22 MB of RSS), and pyroute2 stays whole for any other code of the
 process. Each check runs in a fresh interpreter: what is imported is the outcome."""
 
@@ -33,7 +33,7 @@ def test_collectors_skip_the_package_init() -> None:
             with open("/proc/self/status") as f:
                 return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
         before = rss_kib()
-        from netmemtrace.collect import netlink, resolve
+        from netmemtrace.host import netlink, resolve
         after = rss_kib()
         print(json.dumps({"modules": sorted(sys.modules), "rss_kib": after - before,
                           "init_ran": "IPRoute" in vars(sys.modules["pyroute2"])}))
@@ -59,7 +59,7 @@ def test_pyroute2_whole_for_other_code_in_the_process() -> None:
     runs the real __init__ into the same package: one pyroute2, complete."""
     got = run_python("""
         import json, sys
-        from netmemtrace.collect import netlink
+        from netmemtrace.host import netlink
         lean = netlink.link_names()
         import pyroute2
         from pyroute2 import IPRoute, config
@@ -80,7 +80,7 @@ def test_pyroute2_imported_first_is_used_as_is() -> None:
         import json, sys
         import pyroute2
         package = sys.modules["pyroute2"]
-        from netmemtrace.collect import netlink
+        from netmemtrace.host import netlink
         print(json.dumps([sys.modules["pyroute2"] is package, type(package).__name__,
                           bool(netlink.link_names())]))
     """)
@@ -94,7 +94,7 @@ def test_falls_back_to_the_plain_import() -> None:
         def refuse(spec):
             raise RuntimeError("no module objects today")
         importlib.util.module_from_spec = refuse
-        from netmemtrace.collect import netlink
+        from netmemtrace.host import netlink
         print(json.dumps(["pyroute2.ndb" in sys.modules, bool(netlink.link_names())]))
     """)
     assert got == [True, True]
@@ -115,7 +115,7 @@ def test_submodule_needing_the_package_init(tmp_path: Path) -> None:
     (pkg / "easy.py").write_text("VALUE = 7\n")
     got = run_python("""
         import json, sys
-        from netmemtrace.collect.pyroute2_lean import import_submodule
+        from netmemtrace.host.pyroute2_lean import import_submodule
         easy = import_submodule("pyroute2.easy").VALUE
         init_after_easy = "READY" in vars(sys.modules["pyroute2"])
         fussy = import_submodule("pyroute2.fussy").VALUE

@@ -12,15 +12,17 @@ import threading
 import pytest
 from conftest import REPO
 
-from netmemtrace import caps, demo
-from netmemtrace.collect import resolve
+from netmemtrace.host import resolve
+from netmemtrace.privilege import caps
+from netmemtrace.workload import demo
 
 # A daemon as `dump` opens it (attach, netns broker, capability drop), then link names of
 # the netns in argv[1] once the test has renamed its link, with and without the broker.
 AFTER_DROP = """
 import json, sys
-from netmemtrace import caps, cli
-from netmemtrace.collect import resolve
+from netmemtrace import cli
+from netmemtrace.privilege import caps
+from netmemtrace.host import resolve
 from netmemtrace.session import open_session
 
 with open_session(cli._parser().parse_args(["dump"])) as session:

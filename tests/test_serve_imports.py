@@ -10,7 +10,8 @@ import sys
 
 
 def test_no_bcrypt_or_yaml_without_a_web_config() -> None:
-    code = ("import json, sys; import netmemtrace.serve; from netmemtrace.http import webconfig; "
+    code = ("import json, sys; import netmemtrace.commands.serve; "
+            "from netmemtrace.http import webconfig; "
             "webconfig.WebConfig(); "
             "print(json.dumps(sorted(m for m in ('bcrypt', 'yaml') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

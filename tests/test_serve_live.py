@@ -1,6 +1,6 @@
 """`netmemtrace serve`: the daemon as a process, scraped by real clients and a real Prometheus.
 
-Tests marked live attach BPF and build veth+XDP topologies (netmemtrace.demo); the others
+Tests marked live attach BPF and build veth+XDP topologies (netmemtrace.workload.demo); the others
 check what fails before any BPF is loaded (web config, listen address) and the pieces of the
 daemon (snapshot cache, basic auth) in-process.
 """
@@ -36,11 +36,12 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from test_netns_broker import check_broker_process
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
 
-from netmemtrace import caps, demo
 from netmemtrace.collect.zerocopy import smaps_socket_rss
+from netmemtrace.commands.serve import SnapshotCache, parse_listen
 from netmemtrace.http.webconfig import BasicAuth, load_web_config
-from netmemtrace.probes import SetupError
-from netmemtrace.serve import SnapshotCache, parse_listen
+from netmemtrace.kernel.probes import SetupError
+from netmemtrace.privilege import caps
+from netmemtrace.workload import demo
 
 SERVE = [sys.executable, "-m", "netmemtrace.cli", "serve"]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"

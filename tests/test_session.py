@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netmemtrace import abi
+from netmemtrace.kernel import abi
 from netmemtrace.session import OBJECT_SPECS, Collector, Draft, Session, run
 from netmemtrace.snapshot import CollectorError, Unavailable
 

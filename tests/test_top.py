@@ -14,8 +14,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from netmemtrace import cli, probes, topcmd
-from netmemtrace.probes import ProbeStatus
+from netmemtrace.commands import top as topcmd
+from netmemtrace.kernel import probes
+from netmemtrace.kernel.probes import ProbeStatus
 from netmemtrace.snapshot import (
     CollectorError,
     DevmemSocket,
@@ -574,7 +575,7 @@ def test_no_terminal_is_a_setup_error_before_attaching(monkeypatch: pytest.Monke
     def no_session(_args: argparse.Namespace) -> None:
         raise AssertionError("attached although there is no terminal")
 
-    monkeypatch.setattr(cli, "open_session", no_session)
+    monkeypatch.setattr(topcmd, "open_session", no_session)
     monkeypatch.setattr(sys, "stdin", io.StringIO())
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     with pytest.raises(probes.SetupError, match="needs a terminal.*--batch"):

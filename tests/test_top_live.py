@@ -20,8 +20,8 @@ from conftest import REPO, SLOW, bpf_prog_ids, prog_ids_held_by
 from test_demo import _pool_releases
 from test_top import Frame, parse_frames, top_command
 
-from netmemtrace import demo
 from netmemtrace.views import top
+from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 

@@ -21,10 +21,11 @@ import pytest
 from conftest import REPO, SLOW
 from memcg_helpers import HIERARCHY, child_memcg, sock_bytes
 
-from netmemtrace import abi, probes
 from netmemtrace.collect import zerocopy
 from netmemtrace.collect.memcg import MemcgCollector
-from netmemtrace.collect.zerocopy import ZerocopyReader, smaps_socket_rss
+from netmemtrace.collect.zerocopy import ZerocopyReader
+from netmemtrace.host.procfs import smaps_socket_rss
+from netmemtrace.kernel import abi, probes
 from netmemtrace.session import Session
 from netmemtrace.snapshot import Unavailable
 from netmemtrace.views.dump import filter_snapshot

@@ -43,12 +43,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import abi, libbpf, netns_broker
-from ..netns_broker import entered_netns  # noqa: F401 (tests enter the demo's netns)
-from ..snapshot import Holder, PoolSnapshot, Unavailable
-from . import cgroups, resolve
-from .netmem import head_page_symbols
-from .zerocopy import comm_of
+from netmemtrace.collect.netmem import head_page_symbols
+from netmemtrace.host import cgroups, resolve
+from netmemtrace.host.procfs import comm_of
+from netmemtrace.kernel import abi, libbpf
+from netmemtrace.privilege import netns_broker
+from netmemtrace.privilege.netns_broker import entered_netns  # noqa: F401 (tests enter the demo's netns)
+from netmemtrace.snapshot import Holder, PoolSnapshot, Unavailable
 
 # Holders of zombies whose inflight did not move are reused for at most this long.
 RESCAN_UNCHANGED_S = 10.0

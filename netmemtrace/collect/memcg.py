@@ -15,25 +15,27 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .. import abi, libbpf, netns_broker, probes
-from ..snapshot import (
-    MemcgSelfStats,
-    MemcgSnapshot,
-    ProcessSnapshot,
-    UnacceptedSocket,
-    Unavailable,
-)
-from . import cgroups, resolve, zerocopy
-from .holders import TCP_STATES, format_addr, socket_owners
-from .ledger import PAGE
-from .zerocopy import (
+from netmemtrace.collect import zerocopy
+from netmemtrace.collect.holders import TCP_STATES, format_addr, socket_owners
+from netmemtrace.collect.ledger import PAGE
+from netmemtrace.collect.zerocopy import (
     COUNTER_FIELDS,
     SERVE_ROWS,
     ProcessFigures,
     ProcessRows,
     add_counters,
-    comm_of,
     zerocopy_stats,
+)
+from netmemtrace.host import cgroups, resolve
+from netmemtrace.host.procfs import comm_of
+from netmemtrace.kernel import abi, libbpf, probes
+from netmemtrace.privilege import netns_broker
+from netmemtrace.snapshot import (
+    MemcgSelfStats,
+    MemcgSnapshot,
+    ProcessSnapshot,
+    UnacceptedSocket,
+    Unavailable,
 )
 
 TRACEPOINT_SOURCE = "tracepoint memcg:mod_memcg_state (MEMCG_SOCK)"

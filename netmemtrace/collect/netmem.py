@@ -21,8 +21,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from .. import abi, kallsyms, libbpf, probes
-from ..snapshot import (
+from netmemtrace.host.cgroups import CgroupResolver
+from netmemtrace.host.procfs import comm_of
+from netmemtrace.kernel import abi, kallsyms, libbpf, probes
+from netmemtrace.snapshot import (
     DevmemSocket,
     HoldBucket,
     HoldHistogram,
@@ -32,8 +34,6 @@ from ..snapshot import (
     PoolSnapshot,
     Unavailable,
 )
-from .cgroups import CgroupResolver
-from .zerocopy import comm_of
 
 OBJECT = "netmem"
 # The maps of bpf/netmem_table.bpf.h: the pagepool object's page_pool tracepoint programs

@@ -1,5 +1,5 @@
 """Reader of the page_pool domain (bpf/pagepool.bpf.c): per-pool counters, metadata and
-destruction state, joined with the kernel's own netlink view (collect/netlink.py): every
+destruction state, joined with the kernel's own netlink view (host/netlink.py): every
 pool netlink lists is reported, seen by the tracepoints or not; the kernel's figures fill
 in what netmemtrace cannot know; the real NIC of a pool the kernel re-parented to loopback
 is found through its NAPI id; and recycling comes from page-pool-stats-get."""
@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import abi, libbpf
-from ..snapshot import (
+from netmemtrace.host import resolve
+from netmemtrace.host.netlink import KernelView
+from netmemtrace.kernel import abi, libbpf
+from netmemtrace.snapshot import (
     DeviceSummary,
     KernelPoolView,
     PoolSnapshot,
@@ -22,8 +24,6 @@ from ..snapshot import (
     Recycling,
     Unavailable,
 )
-from . import resolve
-from .netlink import KernelView
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _U32 = 1 << 32

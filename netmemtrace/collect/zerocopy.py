@@ -18,10 +18,11 @@ import time
 import types
 from dataclasses import dataclass
 
-from .. import abi, libbpf, probes
-from ..snapshot import Unavailable, ZerocopyStats
-from . import cgroups
-from .ledger import PAGE, Ledger
+from netmemtrace.collect.ledger import PAGE, Ledger
+from netmemtrace.host import cgroups
+from netmemtrace.host.procfs import smaps_socket_rss
+from netmemtrace.kernel import abi, libbpf, probes
+from netmemtrace.snapshot import Unavailable, ZerocopyStats
 
 _U32 = 1 << 32
 COUNTER_FIELDS = (
@@ -192,20 +193,6 @@ class TxTracker:
         return out
 
 
-def smaps_socket_rss(pid: int) -> int:
-    """Rss, in bytes, of the mappings of pid backed by a socket (TCP zerocopy windows)."""
-    total = 0
-    in_socket = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=6)
-            if len(first) >= 5 and "-" in first[0] and ":" in first[3]:
-                in_socket = len(first) == 6 and first[5].startswith("socket:")
-            elif in_socket and line.startswith("Rss:"):
-                total += int(first[1]) * 1024
-    return total
-
-
 def mapped_socket_pages(pid: int) -> list[tuple[int, int]]:
     """[start, end) runs of pages mapped now in the socket mappings of pid (TCP zerocopy
     windows), from /proc/PID/maps and the present bit of /proc/PID/pagemap."""
@@ -247,14 +234,6 @@ def memcg_id_of(pid: int) -> int | None:
             if hierarchy == "v1" and "memory" in controllers.split(","):
                 return os.stat(cgroups.V1_MEMORY / path.lstrip("/")).st_ino
     return None
-
-
-def comm_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 @dataclass(frozen=True)

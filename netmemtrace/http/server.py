@@ -28,8 +28,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
-from ..probes import SetupError
-from .webconfig import BasicAuth, WebConfig
+from netmemtrace.http.webconfig import BasicAuth, WebConfig
+from netmemtrace.kernel.probes import SetupError
 
 HEADER_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0  # Prometheus reconnects transparently

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..collect import cgroups
-from ..snapshot import SCHEMA_VERSION, Snapshot, Unavailable
-from .utf8 import visible
+from netmemtrace.host import cgroups
+from netmemtrace.snapshot import SCHEMA_VERSION, Snapshot, Unavailable
+from netmemtrace.views.utf8 import visible
 
 
 def _plain(value: Any) -> Any:

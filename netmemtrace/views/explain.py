@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..snapshot import Holder, PoolSnapshot, Snapshot, Unavailable
-from .top import human_bytes, human_duration
+from netmemtrace.snapshot import Holder, PoolSnapshot, Snapshot, Unavailable
+from netmemtrace.views.top import human_bytes, human_duration
 
 if TYPE_CHECKING:  # views take data, never collectors: the scan report is passed in
-    from ..collect.holders import ScanReport
+    from netmemtrace.collect.holders import ScanReport
 
 # The kernel's page_pool_release_retry() warns this long after the destroy, then as often.
 STALL_WARN_INTERVAL_S = 60

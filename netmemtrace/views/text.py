@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..snapshot import Snapshot, Unavailable
+from netmemtrace.snapshot import Snapshot, Unavailable
 
 
 def align_columns(rows: Sequence[Sequence[str]]) -> str:

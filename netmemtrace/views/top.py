@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from ..probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
-from ..snapshot import (
+from netmemtrace.kernel.probes import OFF_CHOICE, OFF_REPLACED, ProbeStatus
+from netmemtrace.snapshot import (
     DeviceSummary,
     Holder,
     MemcgSnapshot,

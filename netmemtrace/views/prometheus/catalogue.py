@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client.utils import floatToGoString
 
-from ... import __version__
-from ...probes import MECHANISMS, ProbeStatus
-from ...snapshot import (
+from netmemtrace import __version__
+from netmemtrace.kernel.probes import MECHANISMS, ProbeStatus
+from netmemtrace.snapshot import (
     HOLDER_KINDS,
     CollectorRun,
     DeviceSummary,
@@ -37,7 +37,7 @@ from ...snapshot import (
     Unavailable,
     lost_events,
 )
-from .encode import Histogram
+from netmemtrace.views.prometheus.encode import Histogram
 
 # Identity of a pool. `state` is deliberately not among them: a pool going active -> zombie
 # -> released must stay one series, or rate() over its counters would break at each step.

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ...snapshot import Snapshot, Unavailable
-from .catalogue import CATALOGUE, MEMCG_LABELS, POOL_LABELS, Spec, View
-from .encode import Family, from_metric, to_metric
+from netmemtrace.snapshot import Snapshot, Unavailable
+from netmemtrace.views.prometheus.catalogue import CATALOGUE, MEMCG_LABELS, POOL_LABELS, Spec, View
+from netmemtrace.views.prometheus.encode import Family, from_metric, to_metric
 
 NO_POOL = ("",) * len(POOL_LABELS)
 NO_MEMCG = ("",) * len(MEMCG_LABELS)

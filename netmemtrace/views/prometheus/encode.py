@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONT
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ..utf8 import visible
+from netmemtrace.views.utf8 import visible
 
 TEXT = "text"
 OPENMETRICS = "openmetrics"

@@ -12,7 +12,7 @@
 
 pyroute2 encodes the requests and decodes the replies; they travel on a plain AF_NETLINK
 socket, because every socket class of pyroute2 0.9 runs an asyncio loop (9 MB of RSS).
-Only the pyroute2 submodules used are imported (collect/pyroute2_lean.py).
+Only the pyroute2 submodules used are imported (host/pyroute2_lean.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import itertools
 import socket
 from dataclasses import dataclass, replace
 
-from ..snapshot import KernelPoolView, RecycleStats, Unavailable
-from .pyroute2_lean import import_submodule
+from netmemtrace.host.pyroute2_lean import import_submodule
+from netmemtrace.snapshot import KernelPoolView, RecycleStats, Unavailable
 
 nl = import_submodule("pyroute2.netlink")
 try:

@@ -5,7 +5,7 @@ conntrack, nftables, the asyncio socket stack, ssl, multiprocessing). That is 22
 and 0.12 s on the CI machine, over a third of the daemon's 60 MB budget (bench/README.md).
 netmemtrace needs the netlink message classes and attribute codecs (pyroute2.netlink) and
 the Marshal that splits and decodes replies (pyroute2.netlink.marshal): 2.4 MB on their own.
-(Every socket class of pyroute2 0.9 runs on asyncio, another 9 MB, so collect/netlink.py
+(Every socket class of pyroute2 0.9 runs on asyncio, another 9 MB, so host/netlink.py
 sends the requests on a plain AF_NETLINK socket.)
 
 How: Python runs a package's __init__ before any of its submodules. Here the package module

@@ -29,11 +29,11 @@ from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
-from . import options
-from .http.server import ExporterServer, Request, Response
-from .session import open_session
-from .views.prometheus.collector import SnapshotCollector, families_of
-from .views.prometheus.encode import Family, render
+from netmemtrace.commands import options
+from netmemtrace.http.server import ExporterServer, Request, Response
+from netmemtrace.session import open_session
+from netmemtrace.views.prometheus.collector import SnapshotCollector, families_of
+from netmemtrace.views.prometheus.encode import Family, render
 
 # Loopback by default: the exporter serves unauthenticated HTTP unless a web config says
 # otherwise, so exposing it to the network is an explicit choice (--listen :9435).
@@ -268,11 +268,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; SetupError for anything wrong at start (exit 2)."""
     if args.web_config_file:
-        from .http.webconfig import load_web_config
+        from netmemtrace.http.webconfig import load_web_config
 
         web = load_web_config(args.web_config_file)
     else:
-        from .http.webconfig import WebConfig
+        from netmemtrace.http.webconfig import WebConfig
 
         web = WebConfig()
     stop = threading.Event()

@@ -1,5 +1,5 @@
 """Names for kernel identities: netns inode -> netns name (/run/netns, as `ip netns`),
-ifindex -> netdev name (rtnetlink, collect/netlink.py), memory provider ops address ->
+ifindex -> netdev name (rtnetlink, host/netlink.py), memory provider ops address ->
 provider kind (kallsyms)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import os
 import socket
 from pathlib import Path
 
-from .. import kallsyms, netns_broker
-from . import netlink
+from netmemtrace.host import netlink
+from netmemtrace.kernel import kallsyms
+from netmemtrace.privilege import netns_broker
 
 # Where `ip netns add` (iproute2, pyroute2) bind-mounts named network namespaces.
 NETNS_RUN_DIR = "/var/run/netns"

@@ -1,6 +1,7 @@
 """TCP endpoints for the demo workload, run inside a network namespace.
 
-``netmemtrace.demo`` starts this file as a script through ``ip netns exec NS python -I FILE ...``
+``netmemtrace.workload.demo`` starts this file as a script through
+``ip netns exec NS python -I FILE ...``
 so that each endpoint lives in its own namespace. It therefore only uses the standard library
 and never imports ``netmemtrace`` (the package need not be installed for the demo to work).
 

@@ -7,8 +7,9 @@ import argparse
 import sys
 import time
 
-from . import options
-from .views import explain
+from netmemtrace.commands import options
+from netmemtrace.session import open_session
+from netmemtrace.views import explain
 
 # The kernel retries a zombie's release once a second; a pool destroyed before netmemtrace
 # started is only known from its next retry, so the first read waits for one.
@@ -26,9 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; 1 if no zombie pool matches (the message says which exist)."""
-    # Imported here: cli imports this module to register the command.
-    from .cli import open_session
-
     with open_session(args) as session:
         time.sleep(args.wait)
         snap = session.read()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import options, probes
-from .collect import zerocopy
-from .session import open_session
-from .views import top
+from netmemtrace.collect import zerocopy
+from netmemtrace.commands import options
+from netmemtrace.kernel import probes
+from netmemtrace.session import open_session
+from netmemtrace.views import top
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Self
 
-XDP_OBJECT = pathlib.Path(__file__).parent / "bpfobj" / "xdp_pass.bpf.o"
+XDP_OBJECT = pathlib.Path(__file__).parent.parent / "bpfobj" / "xdp_pass.bpf.o"
 _PEER_SCRIPT = pathlib.Path(__file__).with_name("_demo_peer.py")
 # Upper bound for one transfer or hold setup; a healthy veth moves gigabytes in that time.
 _TRANSFER_TIMEOUT = 60.0

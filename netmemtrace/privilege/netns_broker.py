@@ -47,7 +47,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from . import caps
+from netmemtrace.privilege import caps
 
 TYPE_CHECKING = False  # typing (and the re it imports) would cost the broker ~0.5 MB
 if TYPE_CHECKING:
@@ -71,9 +71,10 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280,
 _BPF_ITER_CREATE = 33
 # Run by the broker's interpreter: our package directory, then the entry point.
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from netmemtrace.netns_broker import broker_main; sys.exit(broker_main(sys.argv[2:]))")
+         "from netmemtrace.privilege.netns_broker import broker_main; "
+         "sys.exit(broker_main(sys.argv[2:]))")
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _broker: Broker | None = None

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import kallsyms, libbpf
+from netmemtrace.kernel import kallsyms, libbpf
 
 # Preference order: typed BTF tracepoints are cheapest, classic tracepoints need tracefs,
 # fentry beats kprobe (no int3/trampoline-free entry, typed args).

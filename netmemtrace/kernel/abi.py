@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-BPF_OBJ_DIR = Path(__file__).parent / "bpfobj"
+BPF_OBJ_DIR = Path(__file__).parent.parent / "bpfobj"
 
 _INT_TYPES = {
     (1, False): ctypes.c_uint8, (1, True): ctypes.c_int8,
