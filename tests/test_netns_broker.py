@@ -123,7 +123,7 @@ def test_broker_is_reaped_on_close_and_the_direct_path_returns() -> None:
 @pytest.mark.parametrize("how", ["SIGKILL", "exit"])
 def test_broker_never_outlives_its_daemon(how: str) -> None:
     """Killed (PR_SET_PDEATHSIG) or at EOF when the daemon exits without closing it."""
-    code = ("import os, sys, time; from netmemtrace import netns_broker; "
+    code = ("import os, sys, time; from netmemtrace.privilege import netns_broker; "
             "b = netns_broker.start(); print(b.pid, flush=True); "
             + ("time.sleep(60)" if how == "SIGKILL" else "os._exit(0)"))
     daemon = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
@@ -144,14 +144,14 @@ def test_broker_never_outlives_its_daemon(how: str) -> None:
 def test_drop_fails_if_a_thread_kept_capabilities() -> None:
     """capset() and the bounding set are per thread: a thread started before the drop keeps
     everything, and the drop says so instead of leaving it."""
-    code = ("import threading, time; from netmemtrace import caps; "
+    code = ("import threading, time; from netmemtrace.privilege import caps; "
             "threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); "
             "caps.drop_after_attach()")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=30 * SLOW)
     assert done.returncode == 1 and "CapsError: threads kept capabilities" in done.stderr, \
         done.stderr
-    code = ("import threading; from netmemtrace import caps; caps.drop_after_attach(); "
+    code = ("import threading; from netmemtrace.privilege import caps; caps.drop_after_attach(); "
             "t = threading.Thread(target=lambda: None); t.start(); t.join(); "
             "print(sorted({s['CapEff'] for s in caps.task_caps().values()}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
