@@ -55,50 +55,31 @@ def child_memcg(name: str, tcp_limit: int | None = None) -> Iterator[tuple[Path,
             (d / "memory.kmem.tcp.limit_in_bytes").write_text(str(tcp_limit))
         yield d, rel
     finally:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                d.rmdir()
-                break
-            except OSError:
-                # Exiting members leave the cgroup a moment after they are reaped.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        remove_cgroup(d)
 
 
-V2 = Path("/sys/fs/cgroup")
-
-
-def own_cgroup_v2() -> str:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line.rstrip("\n")[3:]
-    raise RuntimeError("no cgroup v2 entry in /proc/self/cgroup")
+def remove_cgroup(d: Path, within_s: float = 30) -> None:
+    """rmdir, retried: exiting members leave the cgroup a moment after they are reaped."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            d.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
 def child_cgroup_v2(name: str) -> Iterator[tuple[Path, str]]:
-    """(directory, path relative to the cgroup2 root) of a new child of our own cgroup, whose
-    memory controller its parent must already hand down (the guests' init does for /)."""
-    rel = f"{own_cgroup_v2().rstrip('/')}/nmt-{os.getpid()}-{name}"
-    d = V2 / rel.lstrip("/")
-    d.mkdir()
-    try:
+    """child_memcg on cgroup v2, whose memory controller the parent must already hand down
+    (the guests' init does for /)."""
+    assert HIERARCHY == "v2", "the memory controller is not on cgroup v2 here"
+    with child_memcg(name) as (d, rel):
         assert (d / "memory.stat").exists(), \
             f"{d.parent}/cgroup.subtree_control does not enable the memory controller"
         yield d, rel
-    finally:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                d.rmdir()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
 
 def memory_stat(d: Path, key: str) -> int:
