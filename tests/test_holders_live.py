@@ -42,7 +42,7 @@ def kernel_inflight(trace, hold: int) -> list[int]:
 
 
 def settled(session: Session, topo: demo.VethTopology, trace, after: int = 0,
-            timeout: float = 15.0) -> tuple[PoolSnapshot, list[int]]:
+            timeout: float = 15.0 * SLOW) -> tuple[PoolSnapshot, list[int]]:
     """Our pool once the kernel has retried its release more than `after` times and its
     latest inflight equals ours (pages in flight while the device goes away settle first)."""
     deadline = time.monotonic() + timeout

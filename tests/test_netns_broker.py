@@ -25,7 +25,7 @@ from netmemtrace.workload import demo
 pytestmark = pytest.mark.live
 
 
-def process_gone(pid: int, timeout: float = 5.0) -> bool:
+def process_gone(pid: int, timeout: float = 5.0 * SLOW) -> bool:
     """pid exited within timeout (a zombie waiting for a reaper counts as exited)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -132,7 +132,7 @@ def test_probes_table_format() -> None:
 
 
 def _cli(*args: str, unprivileged: bool = False,
-         timeout: float = 60) -> subprocess.CompletedProcess:
+         timeout: float = 60 * SLOW) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "netmemtrace.cli", *args]
     if unprivileged:
         # Without any capability, but still as the clone's owner: another user (nobody)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.live
 MIB = 1 << 20
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = 20.0,
+def wait_for(what: str, check: Callable[[], object], timeout: float = 20.0 * SLOW,
              show: Callable[[], object] = lambda: "") -> object:
     deadline = time.monotonic() + timeout
     while not (result := check()):
