@@ -49,9 +49,16 @@ mkdir -p "$out"
 cd "$repo"
 inputs=$( { find netmemtrace -type f \( -name '*.py' -o -name '*.bpf.o' -o -name '*.bpf.json' \) \
               -not -path '*/__pycache__/*'; echo pyproject.toml; ls deploy/image/*; } | LC_ALL=C sort)
+source_url=${IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || echo "$repo")}
+# A clone of a local checkout has a path for a remote: a label wants a URL.
+case "$source_url" in
+	*://*) ;;
+	/*) source_url="file://$source_url" ;;
+	*) source_url="file://$repo" ;;
+esac
 # shellcheck disable=SC2086 # one path per word, none with spaces
-hash=$( { sha256sum $inputs; cat "$out/constraints.txt" "$sources"; echo "$suite"; } \
-        | sha256sum | cut -c1-16)
+hash=$( { sha256sum $inputs; cat "$out/constraints.txt" "$sources"; echo "$suite";
+          echo "$source_url"; } | sha256sum | cut -c1-16)
 have=$(podman image inspect --format '{{index .Labels "io.netmemtrace.content-hash"}}' \
        "$image" 2>/dev/null || true)
 if [ "$have" = "$hash" ] && [ -z "${FORCE:-}" ]; then
@@ -62,7 +69,6 @@ fi
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 # shellcheck disable=SC2086
 [ -z "$(git status --porcelain -- $inputs 2>/dev/null)" ] || revision="$revision-dirty"
-source_url=${IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || echo "file://$repo")}
 
 work=$(mktemp -d "$out/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
