@@ -68,9 +68,10 @@ def test_serve_and_dump_with_a_non_utf8_memcg(workload, netns) -> None:  # noqa:
     try:
         with child_memcg(os.fsdecode(b"\xff\xfe")) as (d, rel):
             # dump attaches first and sees the workload's mappings in its window.
-            dumping = subprocess.Popen([*SERVE[:-1], "dump", "--duration", "5"], cwd=REPO,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            time.sleep(2.5)
+            dumping = subprocess.Popen([*SERVE[:-1], "dump", "--duration", f"{5 * SLOW:g}"],
+                                       cwd=REPO, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+            time.sleep(2.5 * SLOW)
             w = Workload(workload, netns, d, str(1_000_000), "hold")
             try:
                 held = w.totals["held_bytes"]
