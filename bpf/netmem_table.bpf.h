@@ -252,8 +252,11 @@ static __always_inline void netmem_on_state_release(__u64 netmem)
 	if (!sampled(netmem))
 		return;
 	e = netmem_lookup(netmem);
-	if (!e)
+	if (!e) {
+		/* Its hold was never recorded: counted, so transitions still add up. */
+		netmem_stat_inc(untracked_release_lost);
 		return;
+	}
 	netmem_move(e, NETMEM_ST_NONE);
 	/* All of it: userspace skips pages of zeroed slots without looking into them. */
 	__builtin_memset(e, 0, sizeof(*e));

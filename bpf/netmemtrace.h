@@ -332,6 +332,9 @@ struct netmem_stats {
 	__u64 destroy_tokens;		/* tokens outstanding on sockets at their destruction */
 	__u64 zcrx_buffers;		/* io_uring zcrx buffers handed to the application */
 	__u64 zcrx_refills;		/* io_pp_zc_alloc_netmems calls (refill from the ring) */
+	__u64 untracked_release_lost;	/* a sampled netmem released with no entry (its hold
+					 * raced the release, or predates attach): a
+					 * transition to none not counted */
 };
 
 /* ===== holders of zombie pools' pages (bpf/holders.bpf.c) ===== */
