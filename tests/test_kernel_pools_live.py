@@ -199,8 +199,16 @@ def test_netlink_reader_agrees_with_the_independent_client() -> None:
     kernel that lists nothing: both must say so)."""
     from netmemtrace.host import netlink
 
-    truth = json.loads(subprocess.run([sys.executable, CLIENT], check=True,
-                                      capture_output=True, text=True).stdout)
+    client = subprocess.run([sys.executable, CLIENT], capture_output=True, text=True)
+    if client.returncode and "No such file or directory" in client.stderr:
+        # No netdev family at all (before 6.8): the tool's reader must fail as well, and
+        # the tool reports its pools' kernel figures unavailable.
+        with pytest.raises(Exception):  # noqa: B017 - whatever the netlink error's type
+            netlink.dump_page_pools()
+        pytest.xfail(f"kernel {os.uname().release} has no netdev netlink family (6.8+): "
+                     "nothing to compare")
+    assert client.returncode == 0, client.stderr
+    truth = json.loads(client.stdout)
     pools = netlink.dump_page_pools()
     assert sorted(pools) == sorted(int(k) for k in truth["pools"])
     for pid, view in pools.items():
