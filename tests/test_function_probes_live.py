@@ -8,7 +8,6 @@ matrix (`make test-kernels`) runs it where they work."""
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SLOW, VETH_PAGE_POOL, kernel_version
+from memcg_helpers import HIERARCHY, child_cgroup_v2
 
 from netmemtrace.kernel import probes
 from netmemtrace.session import Session
@@ -23,7 +23,6 @@ from netmemtrace.workload import demo
 
 pytestmark = pytest.mark.live
 
-CGROUP2 = Path("/sys/fs/cgroup")
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 # What the workload below must make the kernel run, per object: hook names (any of them).
 MUST_RUN = {
@@ -65,17 +64,14 @@ def bpf_stats() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def child_memcg() -> Iterator[Path | None]:
-    """A memory cgroup of our own (cgroup v2 only: v1 hierarchies here are not ours)."""
-    if not (CGROUP2 / "cgroup.controllers").exists():
+def own_memcg() -> Iterator[Path | None]:
+    """A memory cgroup of our own where that is cgroup v2; None on v1 (its hierarchies here
+    are the supervisor's)."""
+    if HIERARCHY != "v2":
         yield None
         return
-    path = CGROUP2 / f"nmt-fprobe-{os.getpid()}"
-    path.mkdir()
-    try:
+    with child_cgroup_v2("fprobe") as (path, _rel):
         yield path
-    finally:
-        path.rmdir()
 
 
 @pytest.mark.parametrize("mechanism", ["fentry", "kprobe"])
@@ -97,7 +93,7 @@ def test_function_probes_attach_and_run(mechanism: str) -> None:
                 else:
                     assert "not in this kernel" in hook.reason, (lo.name, hook.name, hook.reason)
         assert function_hooks, "no function hook attached"
-        with child_memcg() as memcg:
+        with own_memcg() as memcg:
             if memcg is not None:
                 out = subprocess.run([sys.executable, "-c", LOOPBACK_IN_CGROUP, str(memcg)],
                                      capture_output=True, text=True, timeout=120 * SLOW, check=True)
