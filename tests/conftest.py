@@ -134,3 +134,40 @@ def flush_deferred_skbs() -> None:
                 cli.close()
     finally:
         os.sched_setaffinity(0, saved)
+
+
+class AttachedDump:
+    """`netmemtrace dump` run around some work: started before it and waited on until its
+    probes are attached (its "probes attached" line), stopped with SIGINT once the work is
+    done, which takes the snapshot at once. The window therefore holds the work whatever the
+    start-up costs (seconds under TCG), with no guessed sleep."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import signal
+        import sys
+
+        self._sigint = signal.SIGINT
+        # --duration is only the upper bound: stop() ends the window.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netmemtrace.cli", "dump", "--duration", "3600", *args],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = self.proc.stderr.readline().decode(errors="replace")  # type: ignore[union-attr]
+        if "probes attached" not in first:
+            self.proc.kill()
+            rest = self.proc.communicate()[1].decode(errors="replace")
+            raise AssertionError(f"dump did not attach: {first}{rest}")
+
+    def stop(self, settle_s: float = 0.5) -> bytes:
+        """End the window after settle_s (events in flight land); the JSON document, raw."""
+        import time
+
+        time.sleep(settle_s * SLOW)
+        self.proc.send_signal(self._sigint)
+        out, err = self.proc.communicate(timeout=120 * SLOW)
+        assert self.proc.returncode in (0, 1), err.decode(errors="replace")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import REPO, SLOW
+from conftest import REPO, SLOW, AttachedDump
 from memcg_helpers import child_memcg
 from test_serve_live import Served, http_get, values
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
@@ -48,20 +48,14 @@ def shrunk(monkeypatch, sizes: str, *serve_args: str) -> Iterator[Served]:
         served.close()
 
 
-def dump_during(work: Callable[[], None], *args: str, duration: float = 6.0) -> dict:
+def dump_during(work: Callable[[], None], *args: str) -> dict:
     """dump attached (with this process's environment) while work() runs."""
-    proc = subprocess.Popen([*DUMP, "--duration", f"{duration:g}", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dump = AttachedDump(*args)
     try:
-        time.sleep(2.5)  # attached
         work()
-        out, err = proc.communicate(timeout=120 * SLOW)
+        return json.loads(dump.stop())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    return json.loads(out)
+        dump.close()
 
 
 def metric(served: Served, name: str, **labels: str) -> float:
@@ -122,7 +116,7 @@ def test_holders_ring_overflow_reaches_metrics(monkeypatch) -> None:
                      counter="refs_lost") == 0:
             assert time.monotonic() < deadline, "no holders reference lost"
             time.sleep(0.5)
-        doc = dump_during(lambda: None, duration=3.0)
+        doc = dump_during(lambda: time.sleep(3.0))
         assert doc["stats"]["holders"]["refs_lost"] > 0
         assert any("lost (ring buffer full)" in h["detail"] for p in doc["pools"]
                    if p["state"] == "zombie" for h in p["holders"]

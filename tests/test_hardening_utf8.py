@@ -6,15 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import time
 
 import pytest
-from conftest import REPO, SLOW
+from conftest import AttachedDump
 from memcg_helpers import child_memcg
 from prometheus_client.exposition import choose_encoder
 from test_exporter import full_snapshot, memcg
-from test_serve_live import SERVE, Served, http_get, values
+from test_serve_live import Served, http_get, values
 from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures)
 
 from netmemtrace.views import dump
@@ -68,17 +66,12 @@ def test_serve_and_dump_with_a_non_utf8_memcg(workload, netns) -> None:  # noqa:
     try:
         with child_memcg(os.fsdecode(b"\xff\xfe")) as (d, rel):
             # dump attaches first and sees the workload's mappings in its window.
-            dumping = subprocess.Popen([*SERVE[:-1], "dump", "--duration", f"{5 * SLOW:g}"],
-                                       cwd=REPO, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE)
-            time.sleep(2.5 * SLOW)
+            dumping = AttachedDump()
             w = Workload(workload, netns, d, str(1_000_000), "hold")
             try:
                 held = w.totals["held_bytes"]
                 assert held > 0
-                out, err = dumping.communicate(timeout=60 * SLOW)
-                assert dumping.returncode == 0, err
-                doc = json.loads(out.decode("utf-8"))  # strict
+                doc = json.loads(dumping.stop().decode("utf-8"))  # strict
                 assert visible(rel) in [m["path"] for m in doc["memcgs"]]
                 status, _, body = http_get(f"{served.url}/metrics")
                 assert status == 200, body[:300]
@@ -88,8 +81,6 @@ def test_serve_and_dump_with_a_non_utf8_memcg(workload, netns) -> None:  # noqa:
                 assert http_get(f"{served.url}/healthz")[0] == 200
             finally:
                 w.stop()
-                if dumping.poll() is None:
-                    dumping.kill()
-                    dumping.communicate()
+                dumping.close()
     finally:
         served.close()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SLOW
+from conftest import REPO, SLOW, AttachedDump
 from memcg_helpers import HIERARCHY, child_memcg, sock_bytes
 
 from netmemtrace.collect import zerocopy
@@ -320,19 +320,14 @@ def test_dump_reports_a_process_that_exited_in_its_window(workload, netns) -> No
     """`dump --duration N`: a process that did its zerocopy and exited before the snapshot
     still has its row, marked exited with its exit age, its counts the workload's own."""
     with child_memcg("dump-exited") as (d, rel):
-        dump = subprocess.Popen([sys.executable, "-m", "netmemtrace.cli", "dump",
-                                 "--duration", "4", "--cgroup", rel], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        dump = AttachedDump("--cgroup", rel)
         try:
-            assert "probes attached" in dump.stderr.readline()
             start = time.monotonic_ns()
             totals = exited_workload(workload, netns, d)
-            out, err = dump.communicate(timeout=30 * SLOW)
+            out = dump.stop()
         finally:
-            if dump.poll() is None:
-                dump.kill()
+            dump.close()
         done = time.monotonic_ns()
-    assert dump.returncode == 0, err
     (m,) = json.loads(out)["memcgs"]
     (p,) = m["processes"]
     assert (p["pid"], p["comm"], p["exited"]) == (totals["pid"], "zc_workload", True)

@@ -36,8 +36,14 @@ def _accept(addr: str, port: int, rcvbuf: int = 0) -> socket.socket:
     listener = socket.create_server((addr, port))
     if rcvbuf:
         # Set on the listener before any SYN arrives, so the accepted socket inherits it and
-        # the window scale negotiated in the handshake can advertise all of it.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        # the window scale negotiated in the handshake can advertise all of it. SO_RCVBUF is
+        # capped at net.core.rmem_max, 208 KiB before 6.17 raised its default to 4 MiB: with
+        # CAP_NET_ADMIN (the demo runs as root) SO_RCVBUFFORCE is not, so a held queue is the
+        # same size on every kernel.
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     listener.settimeout(_PEER_TIMEOUT)
     _report(listener.getsockname()[1])
     conn, _ = listener.accept()
@@ -59,8 +65,8 @@ def receive(addr: str, port: int) -> None:
 def hold(addr: str, port: int) -> None:
     """Accept one connection and never read from it, until killed."""
     # Every ~1.5 KB segment occupies a whole page_pool page, so the default receive buffer
-    # fills after some 70 KB; ask for the maximum (the kernel caps it at net.core.rmem_max).
-    with _accept(addr, port, rcvbuf=1 << 30):
+    # fills after some 70 KB; ask for 32 MiB, which the kernel doubles for overhead.
+    with _accept(addr, port, rcvbuf=32 << 20):
         _report("accepted")
         signal.pause()
 
