@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import bpf_prog_ids
@@ -98,7 +99,7 @@ def test_function_probes_fall_back_and_states_say_why() -> None:
     # A function this kernel lacks (io_uring zcrx before 6.15, devmem before 6.12) means no
     # netmem can take that path: the states it would move are moot, not unavailable, and
     # the hook says "not in this kernel". Checked against /proc/kallsyms, not the tool.
-    kallsyms = {line.split()[2] for line in open("/proc/kallsyms")}
+    kallsyms = {line.split()[2] for line in Path("/proc/kallsyms").read_text().splitlines()}
     absent = {n for n in unattached
               if n.removesuffix("_exit").removesuffix("_args") not in kallsyms}
     for name in absent:
