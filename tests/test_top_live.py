@@ -155,7 +155,8 @@ def test_zombie_pool_is_highlighted(tmp_path: Path, trace_instance) -> None:
     assert all(marked == row["STATE"].startswith("zombie ") for row, marked in rows)
     assert {row["NETNS"] for row in zombies} == {topo.rx_netns}
     # The pages we count in flight are the ones the kernel's release attempts report.
-    assert {int(row["INFLIGHT"]) for row in zombies} <= kernel_inflight
+    assert {int(row["INFLIGHT"]) for row in zombies} <= kernel_inflight, (
+        [(r.get("POOL"), r["STATE"], r["INFLIGHT"]) for r, _ in rows], _pool_releases(trace))
 
 
 class Tmux:
