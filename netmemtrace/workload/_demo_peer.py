@@ -28,6 +28,10 @@ _PEER_TIMEOUT = 60.0
 _FILL_STALL = 0.5
 
 
+# Python's socket module does not export it (asm-generic/socket.h: 33).
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
 def _report(value: object) -> None:
     print(value, flush=True)
 
@@ -41,7 +45,7 @@ def _accept(addr: str, port: int, rcvbuf: int = 0) -> socket.socket:
         # CAP_NET_ADMIN (the demo runs as root) SO_RCVBUFFORCE is not, so a held queue is the
         # same size on every kernel.
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
+            listener.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     listener.settimeout(_PEER_TIMEOUT)
