@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from netmemtrace.collect import zerocopy
 from netmemtrace.collect.holders import HoldersCollector, ScanReport
+from netmemtrace.collect.ledger import MAX_RANGES
 from netmemtrace.collect.memcg import MemcgCollector
 from netmemtrace.collect.netmem import (
     DEFAULT_SAMPLE_N,
@@ -208,6 +209,8 @@ class Session:
         try:
             sample_threshold(netmem_sample)
             sizes = options.map_sizes(os.environ.get(options.MAP_SIZES_ENV))
+            obj, name = options.LEDGER_SIZE
+            ledger_ranges = sizes.get(obj, {}).pop(name, MAX_RANGES)
         except ValueError as exc:
             raise probes.SetupError(str(exc)) from None
         probes.check_privileges(btf_path)
@@ -233,7 +236,8 @@ class Session:
             if "memcg" in lo and "zerocopy" in lo:
                 # Owns a ring-buffer thread (the zerocopy ledger), started by
                 # start_threads() or the first read(); stopped in close().
-                self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"], rows=rows)
+                self._memcg = MemcgCollector(lo["memcg"], lo["zerocopy"], ledger_ranges,
+                                              rows=rows)
             if "holders" in lo:
                 # Iterators run only from read(), and only while a zombie pool exists.
                 self._holders = HoldersCollector(lo["holders"].obj)

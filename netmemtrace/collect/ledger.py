@@ -17,6 +17,7 @@ import bisect
 from dataclasses import dataclass, field
 
 PAGE = 4096
+MAX_RANGES = 65536  # the default bound; NETMEMTRACE_MAP_SIZES zerocopy.ledger sets it
 
 
 def _page_end(addr: int, length: int) -> int:
@@ -63,7 +64,7 @@ class _Ranges:
 
 
 class Ledger:
-    def __init__(self, max_ranges: int = 65536) -> None:
+    def __init__(self, max_ranges: int = MAX_RANGES) -> None:
         self.max_ranges = max_ranges
         self.overflow_ranges = 0
         self.overflow_bytes = 0

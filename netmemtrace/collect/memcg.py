@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from netmemtrace.collect import zerocopy
 from netmemtrace.collect.holders import TCP_STATES, format_addr, socket_owners
-from netmemtrace.collect.ledger import PAGE
+from netmemtrace.collect.ledger import MAX_RANGES, PAGE
 from netmemtrace.collect.zerocopy import (
     COUNTER_FIELDS,
     SERVE_ROWS,
@@ -70,6 +70,7 @@ class MemcgReader:
         btf = abi.btf("memcg")
         self._sock_t = btf.struct("memcg_sock")
         self._sock = obj.map("memcg_sock")
+        self._stats = abi.Stats("memcg", obj.map("memcg_stats"))
         self._unaccepted_t = btf.struct("memcg_unaccepted")
         self._obj = obj
         self._unaccepted: libbpf.Link | None = None  # attached on first use
@@ -83,6 +84,13 @@ class MemcgReader:
                 sum(getattr(v, f"{prefix}_charged_pages") for v in vals),
                 sum(getattr(v, f"{prefix}_uncharged_pages") for v in vals))
         return out
+
+    def untracked(self) -> str | None:
+        """Why a memcg without a record may still have had socket events (memcg_sock was
+        full once), or None: then no record means none since attach."""
+        lost = self._stats.read()["memcg_map_full"]
+        return (f"unknown: the memcg_sock map was full ({lost} socket events of untracked "
+                "memcgs lost, memcg_map_full)") if lost else None
 
     def unaccepted(self, resolver: cgroups.CgroupResolver | None
                    ) -> tuple[UnacceptedSocket, ...]:
@@ -142,11 +150,13 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
                  source: str | None, source_reason: str,
                  resolver: cgroups.CgroupResolver | None, now_ns: int,
                  cross_check: CrossCheck, per_memcg: int | None = SERVE_ROWS.per_memcg,
-                 awaiting: dict[int, int] | Unavailable | None = None
-                 ) -> tuple[MemcgSnapshot, ...]:
+                 awaiting: dict[int, int] | Unavailable | None = None,
+                 untracked: str | None = None) -> tuple[MemcgSnapshot, ...]:
     """procs: running processes and rows of exited ones (exit_ns set), whose counters
     `exited` already holds per memcg. per_memcg: process rows per memcg (None: all).
-    awaiting: listener memcg id -> bytes accept() will charge there (awaiting_accept())."""
+    awaiting: listener memcg id -> bytes accept() will charge there (awaiting_accept()).
+    untracked: why a memcg missing from sock has unknown socket events (MemcgReader's
+    untracked()); None: missing means none."""
     by_memcg: dict[int, list[ProcessFigures]] = {}
     for p in procs:
         by_memcg.setdefault(p.memcg_id, []).append(p)
@@ -176,10 +186,13 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
         charged: int | Unavailable
         uncharged: int | Unavailable
         net: int | Unavailable
+        ev = sock.get(memcg_id)
         if source is None:
             charged = uncharged = net = Unavailable(source_reason)
+        elif ev is None and untracked:
+            charged = uncharged = net = Unavailable(untracked)
         else:
-            ev = sock.get(memcg_id, SockEvents(0, 0))
+            ev = ev or SockEvents(0, 0)
             charged, uncharged = ev.charged_pages, ev.uncharged_pages
             net = (charged - uncharged) * PAGE
         now_bytes, now_source = _polled(resolver, path)
@@ -254,7 +267,7 @@ class MemcgCollector:
     """Both domains joined per memcg; what Session calls once per snapshot."""
 
     def __init__(self, memcg_obj: probes.LoadedObject, zerocopy_obj: probes.LoadedObject,
-                 max_ranges: int = 65536, rows: ProcessRows = SERVE_ROWS) -> None:
+                 max_ranges: int = MAX_RANGES, rows: ProcessRows = SERVE_ROWS) -> None:
         self._memcg_obj = memcg_obj
         self._rows = rows
         self.memcg = MemcgReader(memcg_obj.obj)
@@ -274,7 +287,7 @@ class MemcgCollector:
             unaccepted = awaiting = Unavailable(f"the accept-queue iterator failed: {exc}")
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
-                              self._rows.per_memcg, awaiting)
+                              self._rows.per_memcg, awaiting, self.memcg.untracked())
         led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)

@@ -18,7 +18,7 @@ import time
 import types
 from dataclasses import dataclass
 
-from netmemtrace.collect.ledger import PAGE, Ledger
+from netmemtrace.collect.ledger import MAX_RANGES, PAGE, Ledger
 from netmemtrace.host import cgroups
 from netmemtrace.host.procfs import smaps_socket_rss
 from netmemtrace.kernel import abi, libbpf, probes
@@ -282,7 +282,7 @@ def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 
 class ZerocopyReader:
-    def __init__(self, obj: libbpf.Object, max_ranges: int = 65536,
+    def __init__(self, obj: libbpf.Object, max_ranges: int = MAX_RANGES,
                  rows: ProcessRows = SERVE_ROWS) -> None:
         btf = abi.btf("zerocopy")
         self._key_t = btf.struct("zc_key")

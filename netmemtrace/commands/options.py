@@ -75,7 +75,9 @@ MAX_CGROUPS = integer(1, 1_000_000)
 
 # A test knob, not a user option: map and ring buffer sizes of the BPF objects, so a test
 # can fill one and see the loss reported (every drop is counted and shown, never silent).
+# One name is no BPF map: zerocopy.ledger bounds the mapping ledger's ranges (user space).
 MAP_SIZES_ENV = "NETMEMTRACE_MAP_SIZES"
+LEDGER_SIZE = ("zerocopy", "ledger")
 _MAX_MAP_ENTRIES = 1 << 30
 
 
