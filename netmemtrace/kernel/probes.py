@@ -262,13 +262,21 @@ def plan(hooks: dict[str, Hook]) -> dict[str, Candidate | None]:
     return {h.name: h.next_candidate() for h in hooks.values()}
 
 
+def test_only(section: str) -> bool:
+    """A program for BPF_PROG_TEST_RUN only (a raw_tp with no tracepoint, e.g.
+    netmem_replay): nothing attached ever runs it, so only tests (load_object's force) load
+    it, and a session does not pay its verification (start-up: bench/README.md)."""
+    return section == "raw_tp"
+
+
 def load_attempt(path: str, chosen: dict[str, Candidate | None], kernel: Kernel,
                  max_entries: dict[str, int] | None = None,
-                 reuse: dict[str, libbpf.Map] | None = None
+                 reuse: dict[str, libbpf.Map] | None = None, test_programs: bool = False
                  ) -> tuple[libbpf.Object | None, dict[str, str], Candidate | None, int]:
     """Load the object with the planned programs (and every helper program whose target
-    the kernel has). Returns (object, absent helpers, None, 0), or (None, {}, the one
-    candidate the verifier blamed, errno); a failure no planned program explains raises."""
+    the kernel has; test-only ones with test_programs). Returns (object, absent helpers,
+    None, 0), or (None, {}, the one candidate the verifier blamed, errno); a failure no
+    planned program explains raises."""
     obj = libbpf.Object(path, kernel.btf_path)
     try:
         for tbl, n in (max_entries or {}).items():
@@ -285,7 +293,8 @@ def load_attempt(path: str, chosen: dict[str, Candidate | None], kernel: Kernel,
             is_hook = prog.name.rpartition("__")[2] in MECHANISMS
             if not is_hook and (why := missing_iterator(prog.section)):
                 absent[prog.name] = why
-            prog.set_autoload(prog.name in selected or (not is_hook and not why))
+            prog.set_autoload(prog.name in selected or (
+                not is_hook and not why and (test_programs or not test_only(prog.section))))
         obj.load()
         return obj, absent, None, 0
     except libbpf.LibbpfError as exc:
@@ -328,7 +337,8 @@ def load_object(name: str, path: str, *, kernel: Kernel | None = None,
 
     kernel: the session's knowledge of this kernel (a fresh one if None).
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
-    "kprobe" to verifier-check function probes that cannot attach here).
+    "kprobe" to verifier-check function probes that cannot attach here), and the test-only
+    programs (test_only).
     disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
     replaced: hook -> which other hooks do its work instead; not loaded either.
     reuse: map name -> a map of an object loaded before, which this object shares.
@@ -348,7 +358,8 @@ def load_object(name: str, path: str, *, kernel: Kernel | None = None,
     # Each round rules out at least one candidate, so this ends.
     for _ in range(sum(len(h.candidates) for h in hooks.values()) + 1):
         chosen = plan(hooks)
-        obj, absent, blamed, err = load_attempt(path, chosen, kernel, max_entries, reuse)
+        obj, absent, blamed, err = load_attempt(path, chosen, kernel, max_entries, reuse,
+                                                test_programs=force is not None)
         if obj is None:
             assert blamed is not None
             blamed.failure = failure_reason(blamed, err, "load")
