@@ -110,34 +110,27 @@ def function_targets(hooks: dict[str, Hook]) -> set[str]:
 
 
 @functools.cache
-def _btf_tracepoints() -> frozenset[str]:
-    """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs).
+def _btf_names() -> tuple[frozenset[str], frozenset[str]]:
+    """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs) and its BPF iterator
+    targets (a bpf_iter_TARGET function each).
 
-    BTF's string section holds every name NUL-terminated; a scan for the prefix finds them
-    without parsing 6 MB of BTF, and only the names are kept, not the file.
+    BTF's string section holds every name NUL-terminated; one scan for both prefixes finds
+    them without parsing 6 MB of BTF, and only the names are kept, not the file.
     """
     try:
         data = VMLINUX_BTF.read_bytes()
     except OSError:
-        return frozenset()
-    return frozenset(m.decode() for m in re.findall(rb"\0btf_trace_(\w+)(?=\0)", data))
-
-
-@functools.cache
-def _btf_iterators() -> frozenset[str]:
-    """BPF iterator targets the kernel has: each is a bpf_iter_TARGET function in BTF."""
-    try:
-        data = VMLINUX_BTF.read_bytes()
-    except OSError:
-        return frozenset()
-    return frozenset(m.decode() for m in re.findall(rb"\0bpf_iter_(\w+)(?=\0)", data))
+        return frozenset(), frozenset()
+    found = re.findall(rb"\0(btf_trace|bpf_iter)_(\w+)(?=\0)", data)
+    return (frozenset(n.decode() for kind, n in found if kind == b"btf_trace"),
+            frozenset(n.decode() for kind, n in found if kind == b"bpf_iter"))
 
 
 def missing_iterator(section: str) -> str | None:
     """Why an iter/TARGET program cannot load here (its target is newer than the kernel,
     e.g. iter/kmem_cache is 6.13+), or None. Other programs: None."""
     kind, _, target = section.partition("/")
-    if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_iterators():
+    if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_names()[1]:
         return None
     return f"iterator {target} not in this kernel"
 
@@ -189,7 +182,7 @@ class Kernel:
             return self.refused[mech]
         if mech in ("tp_btf", "raw_tp"):
             name = target.rpartition("/")[2]
-            if VMLINUX_BTF.exists() and name not in _btf_tracepoints():
+            if VMLINUX_BTF.exists() and name not in _btf_names()[0]:
                 return f"tracepoint {name} not in this kernel"
             if mech == "tp_btf" and not VMLINUX_BTF.exists():
                 return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
