@@ -26,6 +26,8 @@ _PEER_TIMEOUT = 60.0
 # How long a filling sender waits for the receive window to open before it concludes that the
 # receiver's queue is full.
 _FILL_STALL = 0.5
+# <asm-generic/socket.h>; the socket module does not export it.
+_SO_RCVBUFFORCE = 33
 
 
 def _report(value: object) -> None:
@@ -41,7 +43,7 @@ def _accept(addr: str, port: int, rcvbuf: int = 0) -> socket.socket:
         # CAP_NET_ADMIN (the demo runs as root) SO_RCVBUFFORCE is not, so a held queue is the
         # same size on every kernel.
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
+            listener.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
         except PermissionError:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     listener.settimeout(_PEER_TIMEOUT)
