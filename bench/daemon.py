@@ -6,6 +6,8 @@ and the latency of a scrape (the cached body over loopback HTTP), as serve pays 
 
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -15,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 from common import BENCH, BenchError, Tool, http_get, serve_available
 
@@ -81,9 +84,10 @@ def first_snapshot() -> dict[str, object]:
         exited = time.monotonic() - start
         if not line.startswith("ready"):
             raise BenchError(f"reader.py --once failed: {err.strip()[-300:]}")
-        imp, sess, read = map(float, line.split()[1:])
+        imp, sess, read, cpu = map(float, line.split()[1:])
         runs.append({"import_s": imp, "session_s": sess, "first_read_s": read,
                      "session_plus_read_s": sess + read, "exec_to_ready_s": ready,
+                     "cpu_to_ready_s": cpu,
                      "ready_to_exit_s": exited - ready, "top_first_frame_s": top_first_frame(),
                      "bpftrace_exec_to_ready_s": bpftrace_start()})
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]
@@ -92,6 +96,42 @@ def first_snapshot() -> dict[str, object]:
         r["exec_to_ready_s"] / r["bpftrace_exec_to_ready_s"] for r in runs
     ) if "bpftrace_exec_to_ready_s" in median else None
     return {"runs": runs, "median": median}
+
+
+def _reader_once(checkout: Path) -> dict[str, float]:
+    """One `bench/reader.py --once` of a checkout (its own package first on the path):
+    exec to its ready line, and the CPU (user + system, every thread) of the whole process,
+    exec to exit, from wait4."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(checkout / "bench/reader.py"), "--once"],
+                            cwd=checkout, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    ready = time.monotonic() - start
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if not line.startswith("ready"):
+        raise BenchError(f"{checkout}: reader.py --once failed (exit {proc.returncode})")
+    fields = [float(f) for f in line.split()[1:]]
+    return {"exec_to_ready_s": ready, "session_s": fields[1],
+            "cpu_exec_to_exit_s": usage.ru_utime + usage.ru_stime}
+
+
+def start_ab(baseline: Path, rounds: int) -> dict[str, object]:
+    """Start-up of this checkout against another (e.g. main before a change), fresh
+    processes interleaved, the order alternating per round: medians and every run."""
+    here = BENCH.parent
+    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
+    for i in range(rounds):
+        order = [("baseline", baseline), ("this", here)]
+        for name, checkout in order if i % 2 == 0 else reversed(order):
+            runs[name].append(_reader_once(checkout))
+    median = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+              for name, rs in runs.items()}
+    return {"baseline": str(baseline), "runs": runs, "median": median}
 
 
 def top_first_frame() -> float:
@@ -285,3 +325,19 @@ def run() -> dict[str, object]:
             # TypeError: the snapshot dataclasses changed under the synthetic builder.
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
     return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Start-up A/B: `bench/reader.py --once` of this "
+                                "checkout and of BASELINE (a checkout with its BPF objects "
+                                "built), interleaved.")
+    p.add_argument("baseline", type=Path)
+    p.add_argument("--rounds", type=int, default=10)
+    args = p.parse_args()
+    ab = start_ab(args.baseline.resolve(), args.rounds)
+    print("CHECKOUT  EXEC->READY S  SESSION() S  CPU EXEC->EXIT S  PER ROUND: READY / CPU")
+    for name, m in ab["median"].items():
+        per = " ".join(f"{r['exec_to_ready_s']:.2f}/{r['cpu_exec_to_exit_s']:.2f}"
+                       for r in ab["runs"][name])
+        print(f"{name:9} {m['exec_to_ready_s']:13.3f} {m['session_s']:12.3f} "
+              f"{m['cpu_exec_to_exit_s']:16.3f}  {per}")

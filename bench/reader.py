@@ -1,8 +1,9 @@
 """netmemtrace as a long-running reader: one Session, one complete snapshot per interval.
 
 The benchmark's stand-in for `netmemtrace serve` when the CLI does not have it yet, and the
-probe for start-up time: it reports `ready IMPORT_S SESSION_S READ_S` on stdout once the
-first snapshot is complete. --once stops there.
+probe for start-up time: it reports `ready IMPORT_S SESSION_S READ_S CPU_S` on stdout once
+the first snapshot is complete (CPU_S: the process's user + system time so far, every
+thread). --once stops there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 _T0 = time.monotonic()
 
 import argparse  # noqa: E402  (imports are part of the start-up being timed)
+import os  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 
@@ -30,8 +32,9 @@ def main() -> None:
         attached = time.monotonic()
         session.read()
         done = time.monotonic()
-        print(f"ready {imported - _T0:.4f} {attached - imported:.4f} {done - attached:.4f}",
-              flush=True)
+        cpu = os.times()
+        print(f"ready {imported - _T0:.4f} {attached - imported:.4f} {done - attached:.4f} "
+              f"{cpu.user + cpu.system:.4f}", flush=True)
         next_read = done + args.interval
         while not args.once and not stop.wait(max(0.0, next_read - time.monotonic())):
             session.read()

@@ -139,7 +139,8 @@ def daemon_section(res: dict) -> str:
                    f"Session()+read() {m['session_plus_read_s']:.2f} s "
                    f"(Session() {m['session_s']:.2f} s, first read() {m['first_read_s']:.3f}"
                    f" s); exec to ready {m['exec_to_ready_s']:.2f} s incl. imports "
-                   f"{m['import_s']:.2f} s; ready to exit (detaching) "
+                   f"{m['import_s']:.2f} s, CPU to ready {m['cpu_to_ready_s']:.2f} s; "
+                   f"ready to exit (detaching) "
                    f"{m['ready_to_exit_s']:.2f} s; `top --batch` first frame "
                    f"{m['top_first_frame_s']:.2f} s (target < 1 s)")
         if m.get("x_bpftrace") is not None:

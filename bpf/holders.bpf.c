@@ -191,14 +191,35 @@ static __always_inline __u32 emit_ref(__u64 owner, __u64 netmem, __u32 where)
 	return 1;
 }
 
+/*
+ * The loops below run through bpf_loop(): a callback is verified once, where a bounded loop
+ * is verified once per iteration, in every iterator program (start-up: bench/README.md).
+ */
+struct frags_walk {
+	__u64 frags;		/* skb_shinfo(skb)->frags */
+	__u64 stride;		/* sizeof(skb_frag_t) */
+	__u64 owner;
+	__u32 where;
+	__u32 refs;
+};
+
+static long frag_step(__u32 i, void *ctx)
+{
+	struct frags_walk *w = ctx;
+
+	w->refs += emit_ref(w->owner, read_u64(w->frags + i * w->stride), w->where);
+	return 0;
+}
+
 /* Zombie references in one skb's own data: its head and its frags. Global: verified once. */
 __noinline int scan_skb_data(__u64 skb_addr, __u64 owner, __u32 where)
 {
 	struct sk_buff *skb = (void *)skb_addr;
 	struct skb_shared_info *shinfo;
 	struct holders_config *cfg = get_config();
-	__u64 head, frags, netmem, stride, page_base;
-	__u32 nr, i, refs = 0;
+	struct frags_walk w = { .owner = owner, .where = where };
+	__u64 head, page_base;
+	__u32 nr;
 
 	/* Only pp_recycle skbs hold page_pool references (skb_pp_recycle() in the kernel). */
 	if (!cfg || !BPF_CORE_READ_BITFIELD_PROBED(skb, pp_recycle))
@@ -208,7 +229,7 @@ __noinline int scan_skb_data(__u64 skb_addr, __u64 owner, __u32 where)
 		page_base = cfg->page_base ?: direct_map_page_base(cfg->page_offset_base_addr,
 								   cfg->vmemmap_base_addr);
 		if (page_base) {
-			refs += emit_ref(owner, head_netmem(page_base, cfg, head), where);
+			w.refs += emit_ref(owner, head_netmem(page_base, cfg, head), where);
 			stat_add(frags, 1);
 		} else {
 			stat_add(heads_unresolved, 1);
@@ -217,15 +238,31 @@ __noinline int scan_skb_data(__u64 skb_addr, __u64 owner, __u32 where)
 	/* skb_shinfo(): 64-bit kernels keep skb->end as an offset from head. */
 	shinfo = (void *)(head + BPF_CORE_READ(skb, end));
 	nr = BPF_CORE_READ(shinfo, nr_frags);
-	frags = (__u64)shinfo + bpf_core_field_offset(struct skb_shared_info, frags);
+	w.frags = (__u64)shinfo + bpf_core_field_offset(struct skb_shared_info, frags);
 	/* Every skb_frag_t layout (bio_vec, skb_frag with page or netmem) starts with it. */
-	stride = bpf_core_type_size(skb_frag_t);
-	for (i = 0; i < MAX_FRAGS && i < nr; i++) {
-		netmem = read_u64(frags + i * stride);
-		refs += emit_ref(owner, netmem, where);
-	}
+	w.stride = bpf_core_type_size(skb_frag_t);
+	bpf_loop(nr < MAX_FRAGS ? nr : MAX_FRAGS, frag_step, &w, 0);
 	stat_add(frags, nr);
-	return refs;
+	return w.refs;
+}
+
+struct frag_list_walk {
+	__u64 child;
+	__u64 owner;
+	__u32 where;
+	__u32 refs;
+};
+
+static long frag_list_step(__u32 i, void *ctx)
+{
+	struct frag_list_walk *w = ctx;
+	struct sk_buff *child = (void *)w->child;
+
+	if (!child)
+		return 1;
+	w->refs += scan_skb_data(w->child, w->owner, w->where);
+	w->child = (__u64)BPF_CORE_READ(child, next);
+	return 0;
 }
 
 /* One skb and the skbs chained on its frag_list (GRO), bounded. */
@@ -233,20 +270,17 @@ __noinline int scan_skb(__u64 skb_addr, __u64 owner, __u32 where)
 {
 	struct sk_buff *skb = (void *)skb_addr;
 	struct skb_shared_info *shinfo;
-	struct sk_buff *child;
-	__u32 i, refs;
+	struct frag_list_walk w = { .owner = owner, .where = where };
+	__u32 refs;
 
 	refs = scan_skb_data(skb_addr, owner, where);
 	shinfo = (void *)((__u64)BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
-	child = BPF_CORE_READ(shinfo, frag_list);
-	for (i = 0; i < MAX_FRAG_LIST && child; i++) {
-		refs += scan_skb_data((__u64)child, owner, where);
-		child = BPF_CORE_READ(child, next);
-	}
-	if (child)
+	w.child = (__u64)BPF_CORE_READ(shinfo, frag_list);
+	bpf_loop(MAX_FRAG_LIST, frag_list_step, &w, 0);
+	if (w.child)
 		stat_add(frag_lists_cut, 1);
 	stat_add(skbs, 1);
-	return refs;
+	return refs + w.refs;
 }
 
 /* Per-socket or per-CPU totals of the walks below. */
@@ -305,35 +339,54 @@ static __always_inline void walk_queue(struct walk_sum *sum, __u64 sk, __u64 hea
 	walk_list(sum, sk, first, head, bpf_core_field_offset(struct sk_buff, next), where);
 }
 
+static long leftmost_step(__u32 i, void *ctx)
+{
+	__u64 *node = ctx;
+	struct rb_node *left = BPF_CORE_READ((struct rb_node *)(void *)*node, rb_left);
+
+	if (!left)
+		return 1;
+	*node = (__u64)left;
+	return 0;
+}
+
 static __always_inline __u64 rb_leftmost(__u64 node)
 {
-	struct rb_node *left;
-	int i;
-
-	for (i = 0; i < MAX_RB_HEIGHT && node; i++) {
-		left = BPF_CORE_READ((struct rb_node *)node, rb_left);
-		if (!left)
-			break;
-		node = (__u64)left;
-	}
+	if (node)
+		bpf_loop(MAX_RB_HEIGHT, leftmost_step, &node, 0);
 	return node;
+}
+
+/* Up from node while it is a right child; then its parent is the successor. */
+struct rb_up {
+	__u64 node;
+	__u64 parent;
+};
+
+static long up_step(__u32 i, void *ctx)
+{
+	struct rb_up *w = ctx;
+	struct rb_node *node = (void *)w->node, *parent;
+
+	parent = (void *)(BPF_CORE_READ(node, __rb_parent_color) & ~3UL);
+	w->parent = (__u64)parent;
+	if (!parent || BPF_CORE_READ(parent, rb_right) != node)
+		return 1;
+	w->node = w->parent;
+	w->parent = 0;	/* a tree higher than MAX_RB_HEIGHT ends the walk */
+	return 0;
 }
 
 /* rb_next(): the in-order successor, through parent pointers (no recursion, no stack). */
 static __always_inline __u64 rb_successor(__u64 node)
 {
-	__u64 right = (__u64)BPF_CORE_READ((struct rb_node *)node, rb_right), parent;
-	int i;
+	__u64 right = (__u64)BPF_CORE_READ((struct rb_node *)node, rb_right);
+	struct rb_up w = { .node = node };
 
 	if (right)
 		return rb_leftmost(right);
-	for (i = 0; i < MAX_RB_HEIGHT; i++) {
-		parent = BPF_CORE_READ((struct rb_node *)node, __rb_parent_color) & ~3UL;
-		if (!parent || (__u64)BPF_CORE_READ((struct rb_node *)parent, rb_right) != node)
-			return parent;
-		node = parent;
-	}
-	return 0;
+	bpf_loop(MAX_RB_HEIGHT, up_step, &w, 0);
+	return w.parent;
 }
 
 struct rb_walk {

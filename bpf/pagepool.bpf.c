@@ -226,38 +226,53 @@ static __always_inline int on_state_release(const struct page_pool *pool, __u64 
 	return 0;
 }
 
+/* The retirement of one pool, walked over the CPUs by bpf_loop(). */
+struct retire_walk {
+	struct retired_pool *r;
+	__u64 pool;
+	__u32 slot;
+};
+
+static long retire_cpu(__u64 cpu, struct retire_walk *w)
+{
+	struct pool_counters *c = bpf_map_lookup_percpu_elem(&pool_counters, &w->slot, cpu);
+	struct retired_pool *r = w->r;
+
+	if (!c)
+		return 1;
+	if (c->pool != w->pool)
+		return 0;
+	r->holds[0] += c->holds[0];
+	r->holds[1] += c->holds[1];
+	r->releases[0] += c->releases[0];
+	r->releases[1] += c->releases[1];
+	__builtin_memset(c, 0, sizeof(*c));
+	return 0;
+}
+
 /*
  * Sum a pool's per-CPU counters into the retired record, clear its slot on every CPU and
  * free the slot. No event of the pool can race with this: the kernel frees it next.
+ * bpf_loop(): the per-CPU step is verified once, not once per CPU of MAX_CPUS (an unrolled
+ * loop made this the costliest program of the tool to verify: start-up, bench/README.md).
  */
 static __noinline void pool_retire(__u64 key, struct pool_info *info)
 {
 	struct retired_key rkey = { .pool = key, .release_ns = info->release_last_ns };
-	__u32 zero = 0, slot = info->slot;
+	struct retire_walk w = { .pool = key, .slot = info->slot };
+	__u32 zero = 0;
 	struct retired_pool *r;
-	struct pool_counters *c;
-	int cpu;
 
 	r = bpf_map_lookup_elem(&retired_scratch, &zero);
 	if (!r)
 		return;
 	__builtin_memset(r, 0, sizeof(*r));
 	r->info = *info;
-	for (cpu = 0; cpu < MAX_CPUS; cpu++) {
-		c = bpf_map_lookup_percpu_elem(&pool_counters, &slot, cpu);
-		if (!c)
-			break;
-		if (c->pool != key)
-			continue;
-		r->holds[0] += c->holds[0];
-		r->holds[1] += c->holds[1];
-		r->releases[0] += c->releases[0];
-		r->releases[1] += c->releases[1];
-		__builtin_memset(c, 0, sizeof(*c));
-	}
+	w.r = r;
+	bpf_loop(MAX_CPUS, retire_cpu, &w, 0);
 	if (bpf_map_update_elem(&retired_pools, &rkey, r, BPF_ANY))
 		stat_inc(retired_map_full);
-	bpf_map_delete_elem(&pool_slots, &slot);
+	bpf_map_delete_elem(&pool_slots, &w.slot);
 	bpf_map_delete_elem(&pools, &key);
 }
 

@@ -170,8 +170,8 @@ __u32 rx_mapped_seen SEC(".data.seen");
 /*
  * Sockets a process received TCP_ZEROCOPY_RECEIVE mappings on -> that process: bytes it then
  * reads from them by copy (the recv_skip_hint remainder, read()/recv()) are rx_copied_bytes.
- * LRU: a socket closed long ago ages out; its address reused by another process's socket
- * does not match the tgid.
+ * An entry goes when tcp_destroy_sock destroys its socket. LRU: one whose destruction was
+ * not seen ages out; its address reused by another process's socket does not match the tgid.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -179,6 +179,16 @@ struct {
 	__type(key, __u64);
 	__type(value, __u32);
 } zc_rx_socks SEC(".maps");
+
+/*
+ * Entries of zc_rx_socks: while 0, no receive on the host can be a zerocopy socket's copy,
+ * and sock_recv_length (every receive of every socket) returns at this load instead of a
+ * hash lookup (bench part 1). Counted up when an entry is created, down when one is deleted;
+ * an entry the LRU evicts leaves it too high, which only costs lookups. A thread sees its
+ * own increment, so a receive after its TCP_ZEROCOPY_RECEIVE is never skipped. Its own
+ * section makes it a map of its own, which tests read.
+ */
+__u64 rx_socks_live SEC(".data.rxsocks");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -421,8 +431,12 @@ static __always_inline void rx_result(struct zc_counters *c, __u32 tgid, __u64 s
 				      const struct tcp_zerocopy_receive *zc, int len, int err,
 				      __u64 zap_len)
 {
-	if (sk)
-		bpf_map_update_elem(&zc_rx_socks, &sk, &tgid, BPF_ANY);
+	if (sk) {
+		if (!bpf_map_update_elem(&zc_rx_socks, &sk, &tgid, BPF_NOEXIST))
+			__sync_fetch_and_add(&rx_socks_live, 1);
+		else
+			bpf_map_update_elem(&zc_rx_socks, &sk, &tgid, BPF_EXIST);
+	}
 	c->rx_mapped_bytes += zc->length;
 	if (len >= (int)offsetofend(struct tcp_zerocopy_receive, recv_skip_hint))
 		c->rx_skip_hint_bytes += zc->recv_skip_hint;
@@ -621,12 +635,12 @@ static __always_inline int on_exit(__u64 nr, long ret)
  */
 static __always_inline int on_recv_copied(__u64 sk, int ret, int flags)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct zc_counters *c;
-	__u32 *owner;
+	__u32 *owner, tgid;
 
-	if (ret <= 0 || (flags & MSG_PEEK))
+	if (!rx_socks_live || ret <= 0 || (flags & MSG_PEEK))
 		return 0;
+	tgid = bpf_get_current_pid_tgid() >> 32;
 	owner = bpf_map_lookup_elem(&zc_rx_socks, &sk);
 	if (!owner || *owner != tgid)
 		return 0;
@@ -824,6 +838,32 @@ int BPF_PROG(recv_copied__fentry, struct sock *sk, struct msghdr *msg, size_t le
 	     int *addr_len, int ret)
 {
 	return on_recv_copied((__u64)sk, ret, flags);
+}
+
+/* ---- a socket destroyed: its zc_rx_socks entry goes (rx_socks_live) ---- */
+static __always_inline int on_sock_destroy(__u64 sk)
+{
+	if (rx_socks_live && !bpf_map_delete_elem(&zc_rx_socks, &sk))
+		__sync_fetch_and_add(&rx_socks_live, -1);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(rx_sock_destroy__tp_btf, struct sock *sk)
+{
+	return on_sock_destroy((__u64)sk);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(rx_sock_destroy__raw_tp, struct sock *sk)
+{
+	return on_sock_destroy((__u64)sk);
+}
+
+SEC("tracepoint/tcp/tcp_destroy_sock")
+int rx_sock_destroy__tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	return on_sock_destroy((__u64)ctx->skaddr);
 }
 
 /* ===== function probes: the family that replaces the syscall hooks where it attaches ===== */

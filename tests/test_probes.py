@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SLOW, bpf_prog_ids, prog_ids_held_by
@@ -92,6 +93,23 @@ def test_fentry_refusal_is_found_without_loading_an_object(monkeypatch) -> None:
         assert "fentry denied: EPERM" in lo.hooks["page_pool_destroy"].reason
     else:
         assert err == 0 and why is None
+
+
+@pytest.mark.live
+def test_kernel_symbol_lookup_matches_proc_kallsyms() -> None:
+    """Symbols come from the kernel's own lookup (a syscall program), not a scan of
+    /proc/kallsyms: it must give the file's address for a name the file lists, None for
+    one it does not."""
+    listed = {}
+    for line in Path("/proc/kallsyms").read_text().splitlines():
+        addr, _, name = line.split()[:3]
+        listed.setdefault(name, []).append(int(addr, 16))
+    names = [n for n in ("tcp_zerocopy_receive", "page_pool_create", "tcp_sendmsg_locked",
+                         "skb_copy_datagram_iter") if len(listed.get(n, ())) == 1]
+    names.append("netmemtrace_no_such_symbol")
+    assert len(names) > 1
+    assert libbpf.kallsyms_lookup(names) == {n: listed[n][0] if n in listed else None
+                                             for n in names}
 
 
 def test_plan_takes_the_best_candidate_not_ruled_out() -> None:

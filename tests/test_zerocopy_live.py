@@ -394,10 +394,20 @@ def test_ledger_overflow_is_counted(workload, netns) -> None:
         lo.close()
 
 
+def global_u64(obj, section: str) -> int:
+    """A __u64 global of the BPF side that lives in a section of its own."""
+    raw = obj.map(section).lookup(ctypes.c_uint32(0))
+    return int.from_bytes(raw[:8], sys.byteorder)
+
+
 def pending_threads(obj) -> int:
     """The BPF side's count of threads with a syscall entry waiting for its exit."""
-    raw = obj.map(".data.pending").lookup(ctypes.c_uint32(0))
-    return int.from_bytes(raw[:8], sys.byteorder)
+    return global_u64(obj, ".data.pending")
+
+
+def rx_socks_live(obj) -> int:
+    """The BPF side's count of sockets TCP_ZEROCOPY_RECEIVE mapped pages on."""
+    return global_u64(obj, ".data.rxsocks")
 
 
 def load_family(family: str) -> tuple[probes.LoadedObject, tuple[str, ...], str]:
@@ -442,8 +452,9 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
     their fallback) and each variant of the raw sys_enter/sys_exit pair (tp_btf: loads
     through the typed pt_regs; raw_tp: probe reads; tracepoint: the record) each see the
     calls their own way, and each must count, map, move and unmap alike, to the byte of
-    smaps. Afterwards no thread may be left counted as in a call, a killed one included:
-    that count lets every other exit skip the lookup."""
+    smaps. Afterwards no thread may be left counted as in a call, a killed one included,
+    and no socket as a zerocopy one: those counts let every other exit, and every other
+    receive of the host, skip a lookup."""
     lo, hooks, mech = load_family(family)
     reader = ZerocopyReader(lo.obj)
     try:
@@ -469,6 +480,7 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
                     mine = [p for p in procs if p.pid == w.pid]
                     assert len(mine) == 1, step
                     assert mine[0].unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                    assert rx_socks_live(lo.obj) >= 1  # its copies are counted: open
                 assert held == 0
                 for name in COUNTERS:
                     assert mine[0].counters[name] == w.totals[name], name
@@ -488,6 +500,9 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
         while pending_threads(lo.obj) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pending_threads(lo.obj) == 0
+        while rx_socks_live(lo.obj) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rx_socks_live(lo.obj) == 0
         assert abi.Stats("zerocopy", lo.obj.map("zc_stats")).read()["pending_full"] == 0
     finally:
         reader.close()

@@ -17,8 +17,9 @@ import ctypes.util
 import errno
 import mmap
 import os
+import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 _c_void_p = ctypes.c_void_p
@@ -588,6 +589,66 @@ def fentry_load_errno(function: str) -> int:
         return 0
     finally:
         _lib.btf__free(btf)
+
+
+_BPF_PROG_TYPE_SYSCALL = 31
+_BPF_F_SLEEPABLE = 1 << 4
+_KSYM_NAME_MAX = 64
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+
+def _ksym_program() -> bytes:
+    """A syscall program whose context is {char name[64]; u64 addr}: it copies the name to
+    its stack (helpers take no context pointer) and stores bpf_kallsyms_lookup_name()'s
+    address after it; the helper's return (0, -ENOENT, -EPERM) is the program's."""
+    ldx, stx, st, mov, mov_imm, add_imm = 0x79, 0x7B, 0x7A, 0xBF, 0xB7, 0x07
+    name_at, addr_at = -_KSYM_NAME_MAX - 8, -8  # stack offsets from r10
+    code = [_insn(mov, 6, 1)]
+    for off in range(0, _KSYM_NAME_MAX, 8):
+        code += [_insn(ldx, 1, 6, off), _insn(stx, 10, 1, name_at + off)]
+    code += [_insn(st, 10, 0, addr_at, 0),
+             _insn(mov, 1, 10), _insn(add_imm, 1, imm=name_at),
+             _insn(mov_imm, 2, imm=_KSYM_NAME_MAX), _insn(mov_imm, 3, imm=0),
+             _insn(mov, 4, 10), _insn(add_imm, 4, imm=addr_at),
+             _insn(0x85, imm=179),  # call bpf_kallsyms_lookup_name
+             _insn(ldx, 1, 10, addr_at), _insn(stx, 6, 1, _KSYM_NAME_MAX),
+             _insn(0x95)]
+    return b"".join(code)
+
+
+def kallsyms_lookup(names: Iterable[str]) -> dict[str, int | None] | None:
+    """name -> address (None: not in the kernel) by the kernel's own kallsyms_lookup_name(),
+    a lookup in its sorted name table, run from a syscall program (5.16+) through
+    BPF_PROG_TEST_RUN: a few µs per name, where a scan of /proc/kallsyms makes the kernel
+    format every one of its symbols. None if the kernel offers no such program or refuses
+    the lookup (kptr_restrict: the helper says EPERM); the caller then reads the file."""
+    code = _ksym_program()
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), prog_flags=_BPF_F_SLEEPABLE)
+    fd = _lib.bpf_prog_load(_BPF_PROG_TYPE_SYSCALL, b"nmt_ksym", b"GPL", code,
+                            len(code) // 8, ctypes.byref(opts))
+    if fd < 0:
+        return None
+    try:
+        out: dict[str, int | None] = {}
+        for name in names:
+            raw = name.encode()
+            if len(raw) >= _KSYM_NAME_MAX:
+                return None
+            ctx = ctypes.create_string_buffer(raw, _KSYM_NAME_MAX + 8)
+            run = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(ctx),
+                               ctx_size_in=len(ctx))
+            if _lib.bpf_prog_test_run_opts(fd, ctypes.byref(run)) < 0:
+                return None
+            rc = ctypes.c_int32(run.retval).value
+            if rc not in (0, -errno.ENOENT):
+                return None
+            out[name] = struct.unpack_from("<Q", ctx.raw, _KSYM_NAME_MAX)[0] if rc == 0 else None
+        return out
+    finally:
+        os.close(fd)
 
 
 def failed_program(log: str, candidates: Iterator[str]) -> str | None:

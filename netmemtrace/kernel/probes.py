@@ -110,34 +110,27 @@ def function_targets(hooks: dict[str, Hook]) -> set[str]:
 
 
 @functools.cache
-def _btf_tracepoints() -> frozenset[str]:
-    """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs).
+def _btf_names() -> tuple[frozenset[str], frozenset[str]]:
+    """Tracepoints the kernel's BTF knows (its btf_trace_NAME typedefs) and its BPF iterator
+    targets (a bpf_iter_TARGET function each).
 
-    BTF's string section holds every name NUL-terminated; a scan for the prefix finds them
-    without parsing 6 MB of BTF, and only the names are kept, not the file.
+    BTF's string section holds every name NUL-terminated; one scan for both prefixes finds
+    them without parsing 6 MB of BTF, and only the names are kept, not the file.
     """
     try:
         data = VMLINUX_BTF.read_bytes()
     except OSError:
-        return frozenset()
-    return frozenset(m.decode() for m in re.findall(rb"\0btf_trace_(\w+)(?=\0)", data))
-
-
-@functools.cache
-def _btf_iterators() -> frozenset[str]:
-    """BPF iterator targets the kernel has: each is a bpf_iter_TARGET function in BTF."""
-    try:
-        data = VMLINUX_BTF.read_bytes()
-    except OSError:
-        return frozenset()
-    return frozenset(m.decode() for m in re.findall(rb"\0bpf_iter_(\w+)(?=\0)", data))
+        return frozenset(), frozenset()
+    found = re.findall(rb"\0(btf_trace|bpf_iter)_(\w+)(?=\0)", data)
+    return (frozenset(n.decode() for kind, n in found if kind == b"btf_trace"),
+            frozenset(n.decode() for kind, n in found if kind == b"bpf_iter"))
 
 
 def missing_iterator(section: str) -> str | None:
     """Why an iter/TARGET program cannot load here (its target is newer than the kernel,
     e.g. iter/kmem_cache is 6.13+), or None. Other programs: None."""
     kind, _, target = section.partition("/")
-    if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_iterators():
+    if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_names()[1]:
         return None
     return f"iterator {target} not in this kernel"
 
@@ -189,7 +182,7 @@ class Kernel:
             return self.refused[mech]
         if mech in ("tp_btf", "raw_tp"):
             name = target.rpartition("/")[2]
-            if VMLINUX_BTF.exists() and name not in _btf_tracepoints():
+            if VMLINUX_BTF.exists() and name not in _btf_names()[0]:
                 return f"tracepoint {name} not in this kernel"
             if mech == "tp_btf" and not VMLINUX_BTF.exists():
                 return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
@@ -262,13 +255,21 @@ def plan(hooks: dict[str, Hook]) -> dict[str, Candidate | None]:
     return {h.name: h.next_candidate() for h in hooks.values()}
 
 
+def test_only(section: str) -> bool:
+    """A program for BPF_PROG_TEST_RUN only (a raw_tp with no tracepoint, e.g.
+    netmem_replay): nothing attached ever runs it, so only tests (load_object's force) load
+    it, and a session does not pay its verification (start-up: bench/README.md)."""
+    return section == "raw_tp"
+
+
 def load_attempt(path: str, chosen: dict[str, Candidate | None], kernel: Kernel,
                  max_entries: dict[str, int] | None = None,
-                 reuse: dict[str, libbpf.Map] | None = None
+                 reuse: dict[str, libbpf.Map] | None = None, test_programs: bool = False
                  ) -> tuple[libbpf.Object | None, dict[str, str], Candidate | None, int]:
     """Load the object with the planned programs (and every helper program whose target
-    the kernel has). Returns (object, absent helpers, None, 0), or (None, {}, the one
-    candidate the verifier blamed, errno); a failure no planned program explains raises."""
+    the kernel has; test-only ones with test_programs). Returns (object, absent helpers,
+    None, 0), or (None, {}, the one candidate the verifier blamed, errno); a failure no
+    planned program explains raises."""
     obj = libbpf.Object(path, kernel.btf_path)
     try:
         for tbl, n in (max_entries or {}).items():
@@ -285,7 +286,8 @@ def load_attempt(path: str, chosen: dict[str, Candidate | None], kernel: Kernel,
             is_hook = prog.name.rpartition("__")[2] in MECHANISMS
             if not is_hook and (why := missing_iterator(prog.section)):
                 absent[prog.name] = why
-            prog.set_autoload(prog.name in selected or (not is_hook and not why))
+            prog.set_autoload(prog.name in selected or (
+                not is_hook and not why and (test_programs or not test_only(prog.section))))
         obj.load()
         return obj, absent, None, 0
     except libbpf.LibbpfError as exc:
@@ -328,7 +330,8 @@ def load_object(name: str, path: str, *, kernel: Kernel | None = None,
 
     kernel: the session's knowledge of this kernel (a fresh one if None).
     force: load only the programs of that mechanism (tests: "raw_tp" for BPF_PROG_TEST_RUN,
-    "kprobe" to verifier-check function probes that cannot attach here).
+    "kprobe" to verifier-check function probes that cannot attach here), and the test-only
+    programs (test_only).
     disabled: hook -> why it stays off by choice, ending in "turn on with ..."; not loaded.
     replaced: hook -> which other hooks do its work instead; not loaded either.
     reuse: map name -> a map of an object loaded before, which this object shares.
@@ -348,7 +351,8 @@ def load_object(name: str, path: str, *, kernel: Kernel | None = None,
     # Each round rules out at least one candidate, so this ends.
     for _ in range(sum(len(h.candidates) for h in hooks.values()) + 1):
         chosen = plan(hooks)
-        obj, absent, blamed, err = load_attempt(path, chosen, kernel, max_entries, reuse)
+        obj, absent, blamed, err = load_attempt(path, chosen, kernel, max_entries, reuse,
+                                                test_programs=force is not None)
         if obj is None:
             assert blamed is not None
             blamed.failure = failure_reason(blamed, err, "load")
