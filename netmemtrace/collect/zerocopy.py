@@ -10,6 +10,7 @@ same lock, so a snapshot includes every event submitted before it started.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import select
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from netmemtrace.collect.ledger import MAX_RANGES, PAGE, Ledger
 from netmemtrace.host import cgroups
-from netmemtrace.host.procfs import smaps_socket_rss
+from netmemtrace.host.procfs import smaps_socket_rss, start_boottime_ns
 from netmemtrace.kernel import abi, libbpf, probes
 from netmemtrace.snapshot import Unavailable, ZerocopyStats
 
@@ -236,17 +237,27 @@ def memcg_id_of(pid: int) -> int | None:
     return None
 
 
+# Why ledger figures are unknown once the zc_events ring buffer dropped an event: a lost map
+# undercounts, a lost unmap, exit or tx completion overcounts, for ever.
+LEDGER_LOSS = Unavailable(
+    "incomplete: the zc_events ring buffer was full and dropped ledger events "
+    "(zerocopy ringbuf_full) that may concern it; exact again only for processes started "
+    "after the last drop")
+
+
 @dataclass(frozen=True)
 class ProcessFigures:
-    """What the zerocopy reader knows about one (process, memcg) pair."""
+    """What the zerocopy reader knows about one (process, memcg) pair. The ledger's figures
+    (unaccounted, oldest mapped, tx inflight) are LEDGER_LOSS where a lost event may
+    concern the process."""
 
     pid: int
     memcg_id: int
     counters: dict[str, int]
-    unaccounted_bytes: int
-    unaccounted_hwm_bytes: int
-    oldest_mapped_ns: int | None
-    inflight_bytes: int
+    unaccounted_bytes: int | Unavailable
+    unaccounted_hwm_bytes: int | Unavailable
+    oldest_mapped_ns: int | None | Unavailable
+    inflight_bytes: int | Unavailable
     exit_ns: int | None = None    # CLOCK_MONOTONIC of its exit; None while it runs
     comm: str | None = None       # exited: its name at exit (running: read from /proc)
 
@@ -268,7 +279,7 @@ TOP_ROWS = ProcessRows(exited_retention_s=60.0, max_exited=1024, per_memcg=10)
 SERVE_ROWS = ProcessRows(exited_retention_s=300.0, max_exited=1024, per_memcg=10)
 
 
-def zerocopy_stats(counters: dict[str, int], inflight: int) -> ZerocopyStats:
+def zerocopy_stats(counters: dict[str, int], inflight: int | Unavailable) -> ZerocopyStats:
     mapped, copied = counters["rx_mapped_bytes"], counters["rx_copied_bytes"]
     return ZerocopyStats(
         rx_mapped_pages=mapped // PAGE,
@@ -307,6 +318,13 @@ class ZerocopyReader:
         self.bad_events = 0
         self._lock = threading.Lock()
         self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
+        self._stats = abi.Stats("zerocopy", obj.map("zc_stats"))
+        # Ring-buffer drops (ringbuf_full) as of the last read, CLOCK_MONOTONIC of the last
+        # read that found none, and (CLOCK_MONOTONIC, CLOCK_BOOTTIME) of the read that found
+        # the count grown last: every drop so far happened before that read.
+        self.lost = 0
+        self._clean_ns: int | None = None
+        self._dirty_ns = (0, 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -459,7 +477,41 @@ class ZerocopyReader:
                     unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0),
                     oldest_mapped_ns=led.oldest_mapped_ns(pid), inflight_bytes=0))
             procs += self.gone.values()
+            self._count_lost()
+            if self.lost:
+                procs = [self._marked(p) for p in procs]
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
+
+    def _count_lost(self) -> None:
+        """ringbuf_full, read after the ring was drained: a drop counted here may concern
+        any figure of this read."""
+        before = time.monotonic_ns()
+        lost = self._stats.read()["ringbuf_full"]
+        if not lost:
+            self._clean_ns = before
+        elif lost != self.lost:
+            self._dirty_ns = (time.monotonic_ns(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+        self.lost = lost
+
+    def _marked(self, p: ProcessFigures) -> ProcessFigures:
+        """p with LEDGER_LOSS for the figures a dropped event may have made wrong. Exact
+        are: a process that exited before the first drop; one that started after the last
+        drop, unless the ledger holds ranges of its pid from before (a dead process whose
+        exit was dropped, its pid reused); an exited process's final figures (its mappings
+        went with it), but not its high-water mark."""
+        if p.exit_ns is not None:
+            if self._clean_ns is not None and p.exit_ns <= self._clean_ns:
+                return p
+            return dataclasses.replace(p, unaccounted_hwm_bytes=LEDGER_LOSS)
+        dirty_mono, dirty_boot = self._dirty_ns
+        start = start_boottime_ns(p.pid)
+        oldest = p.oldest_mapped_ns
+        if start is not None and start > dirty_boot and \
+                (not isinstance(oldest, int) or oldest > dirty_mono):
+            return p
+        return dataclasses.replace(p, unaccounted_bytes=LEDGER_LOSS,
+                                   unaccounted_hwm_bytes=LEDGER_LOSS,
+                                   oldest_mapped_ns=LEDGER_LOSS, inflight_bytes=LEDGER_LOSS)
 
     def close(self) -> None:
         with self._lock:
