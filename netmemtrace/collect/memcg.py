@@ -158,7 +158,8 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
     awaiting: listener memcg id -> bytes accept() will charge there (awaiting_accept()).
     untracked: why a memcg missing from sock has unknown socket events (MemcgReader's
     untracked()); None: missing means none. ledger_lost: the zc_events ring buffer
-    dropped events: the high-water mark of a memcg with zerocopy activity is unknown."""
+    dropped events: a memcg's high-water mark is unknown if a row's is, or if it has
+    exited processes (their rows may be gone)."""
     by_memcg: dict[int, list[ProcessFigures]] = {}
     for p in procs:
         by_memcg.setdefault(p.memcg_id, []).append(p)
@@ -186,7 +187,10 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
             key=lambda p: (p.exited, isinstance(p.zerocopy_unaccounted_bytes, Unavailable),
                            -_known(p.zerocopy_unaccounted_bytes), p.exit_age_ns or 0,
                            p.pid)))[:per_memcg]
-        zerocopy_seen = bool(rows) or memcg_id in exited
+        # The high-water mark is as exact as every process that ever counted in it: known
+        # for the rows here, not for exited processes whose rows went.
+        hwm_unknown = ledger_lost and (memcg_id in exited or any(
+            isinstance(p.unaccounted_hwm_bytes, Unavailable) for p in rows))
 
         charged: int | Unavailable
         uncharged: int | Unavailable
@@ -210,8 +214,8 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
             sock_charged_now_bytes=now_bytes, sock_charged_now_source=now_source,
             zerocopy=zerocopy_stats(counters, _ledger_sum(p.inflight_bytes for p in members)),
             zerocopy_unaccounted_bytes=unaccounted,
-            zerocopy_unaccounted_hwm_bytes=zerocopy.LEDGER_LOSS
-            if ledger_lost and zerocopy_seen else ledger_hwm.get(memcg_id, 0),
+            zerocopy_unaccounted_hwm_bytes=zerocopy.LEDGER_LOSS if hwm_unknown
+            else ledger_hwm.get(memcg_id, 0),
             zerocopy_oldest_mapped_age_ns=now_ns - oldest if isinstance(oldest, int)
             else oldest,
             would_be_charged_bytes=now_bytes if isinstance(now_bytes, Unavailable)
@@ -323,7 +327,7 @@ class MemcgCollector:
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
                               self._rows.per_memcg, awaiting, self.memcg.untracked(),
-                              ledger_lost=self.zerocopy.lost > 0)
+                              ledger_lost=self.zerocopy.loss.lost > 0)
         led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)

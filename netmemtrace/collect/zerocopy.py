@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from netmemtrace.collect.ledger import MAX_RANGES, PAGE, Ledger
@@ -292,6 +293,53 @@ def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in COUNTER_FIELDS}
 
 
+COUNT_LOST_EVERY_NS = 50_000_000  # the draining thread reads ringbuf_full at most this often
+
+
+class LedgerLoss:
+    """Which ledger figures the zc_events ring buffer's drops (ringbuf_full) may have made
+    wrong. The count is read once per snapshot; every drop so far happened before the read
+    that last saw it grow, and none before the last read that saw it at 0."""
+
+    def __init__(self) -> None:
+        self.lost = 0
+        self._clean_ns: int | None = None  # CLOCK_MONOTONIC of the last read seeing 0
+        self._dirty_ns = (0, 0)  # (CLOCK_MONOTONIC, CLOCK_BOOTTIME) after the last growth
+
+    def count(self, lost: int, before_ns: int, after_ns: int, after_boot_ns: int) -> None:
+        """ringbuf_full as read between before_ns and after_ns (CLOCK_MONOTONIC; after:
+        CLOCK_BOOTTIME too)."""
+        if not lost:
+            self._clean_ns = before_ns
+        elif lost != self.lost:
+            self._dirty_ns = (after_ns, after_boot_ns)
+        self.lost = lost
+
+    def marked(self, p: ProcessFigures,
+               start_ns: Callable[[int], int | None] = start_boottime_ns) -> ProcessFigures:
+        """p with LEDGER_LOSS for the figures a drop may have made wrong. Exact are: every
+        figure before the first drop; those of a process that exited before it; those of
+        one that started after the last drop (start_ns: pid -> CLOCK_BOOTTIME start, None
+        once gone), unless the ledger holds ranges of its pid from before (a dead process
+        whose exit was dropped, its pid reused); an exited process's final figures (its
+        mappings went with it), but not its high-water mark."""
+        if not self.lost:
+            return p
+        if p.exit_ns is not None:
+            if self._clean_ns is not None and p.exit_ns <= self._clean_ns:
+                return p
+            return dataclasses.replace(p, unaccounted_hwm_bytes=LEDGER_LOSS)
+        dirty_ns, dirty_boot_ns = self._dirty_ns
+        start = start_ns(p.pid)
+        oldest = p.oldest_mapped_ns
+        if start is not None and start > dirty_boot_ns and \
+                (not isinstance(oldest, int) or oldest > dirty_ns):
+            return p
+        return dataclasses.replace(p, unaccounted_bytes=LEDGER_LOSS,
+                                   unaccounted_hwm_bytes=LEDGER_LOSS,
+                                   oldest_mapped_ns=LEDGER_LOSS, inflight_bytes=LEDGER_LOSS)
+
+
 class ZerocopyReader:
     def __init__(self, obj: libbpf.Object, max_ranges: int = MAX_RANGES,
                  rows: ProcessRows = SERVE_ROWS) -> None:
@@ -319,12 +367,8 @@ class ZerocopyReader:
         self._lock = threading.Lock()
         self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
         self._stats = abi.Stats("zerocopy", obj.map("zc_stats"))
-        # Ring-buffer drops (ringbuf_full) as of the last read, CLOCK_MONOTONIC of the last
-        # read that found none, and (CLOCK_MONOTONIC, CLOCK_BOOTTIME) of the read that found
-        # the count grown last: every drop so far happened before that read.
-        self.lost = 0
-        self._clean_ns: int | None = None
-        self._dirty_ns = (0, 0)
+        self.loss = LedgerLoss()
+        self._counted_ns = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -377,6 +421,19 @@ class ZerocopyReader:
             if ready:
                 with self._lock:
                     self._rb.poll(0)
+                    if time.monotonic_ns() - self._counted_ns > COUNT_LOST_EVERY_NS:
+                        self._count_lost()
+
+    def _count_lost(self) -> None:
+        """ringbuf_full, read after the ring was drained: a drop counted may concern any
+        figure of the ledger as it is now. Also read by the draining thread as it catches
+        up, so that the last drop's time is known closely (a process started after it is
+        exact) and not only at the next snapshot."""
+        before = time.monotonic_ns()
+        lost = self._stats.read()["ringbuf_full"]
+        self._counted_ns = time.monotonic_ns()
+        self.loss.count(lost, before, self._counted_ns,
+                        time.clock_gettime_ns(time.CLOCK_BOOTTIME))
 
     def _on_event(self, raw: bytes) -> None:
         if len(raw) < ctypes.sizeof(self._event_t):
@@ -478,40 +535,8 @@ class ZerocopyReader:
                     oldest_mapped_ns=led.oldest_mapped_ns(pid), inflight_bytes=0))
             procs += self.gone.values()
             self._count_lost()
-            if self.lost:
-                procs = [self._marked(p) for p in procs]
+            procs = [self.loss.marked(p) for p in procs]
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
-
-    def _count_lost(self) -> None:
-        """ringbuf_full, read after the ring was drained: a drop counted here may concern
-        any figure of this read."""
-        before = time.monotonic_ns()
-        lost = self._stats.read()["ringbuf_full"]
-        if not lost:
-            self._clean_ns = before
-        elif lost != self.lost:
-            self._dirty_ns = (time.monotonic_ns(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
-        self.lost = lost
-
-    def _marked(self, p: ProcessFigures) -> ProcessFigures:
-        """p with LEDGER_LOSS for the figures a dropped event may have made wrong. Exact
-        are: a process that exited before the first drop; one that started after the last
-        drop, unless the ledger holds ranges of its pid from before (a dead process whose
-        exit was dropped, its pid reused); an exited process's final figures (its mappings
-        went with it), but not its high-water mark."""
-        if p.exit_ns is not None:
-            if self._clean_ns is not None and p.exit_ns <= self._clean_ns:
-                return p
-            return dataclasses.replace(p, unaccounted_hwm_bytes=LEDGER_LOSS)
-        dirty_mono, dirty_boot = self._dirty_ns
-        start = start_boottime_ns(p.pid)
-        oldest = p.oldest_mapped_ns
-        if start is not None and start > dirty_boot and \
-                (not isinstance(oldest, int) or oldest > dirty_mono):
-            return p
-        return dataclasses.replace(p, unaccounted_bytes=LEDGER_LOSS,
-                                   unaccounted_hwm_bytes=LEDGER_LOSS,
-                                   oldest_mapped_ns=LEDGER_LOSS, inflight_bytes=LEDGER_LOSS)
 
     def close(self) -> None:
         with self._lock:

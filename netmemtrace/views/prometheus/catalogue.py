@@ -665,9 +665,10 @@ CATALOGUE: tuple[Spec, ...] = (
          memcg_figure("zerocopy_unaccounted_bytes")),
     Spec("netmemtrace_zerocopy_unaccounted_hwm_bytes", "gauge",
          "Highest netmemtrace_zerocopy_unaccounted_bytes of the cgroup since netmemtrace "
-         "started, bytes (for cgroup=\"other\": the sum of their highs). Absent for a "
-         "cgroup with zerocopy activity once the zc_events ring buffer dropped any ledger "
-         f"event. {_CAPPED}", "memcg",
+         "started, bytes (for cgroup=\"other\": the sum of their highs). Absent once the "
+         "zc_events ring buffer dropped a ledger event, unless every process of the cgroup "
+         "is known to be unaffected (started after the last drop, none exited), see "
+         f"netmemtrace_figure_unavailable_info. {_CAPPED}", "memcg",
          (), memcg_figure("zerocopy_unaccounted_hwm_bytes")),
     Spec("netmemtrace_zerocopy_oldest_mapped_age_seconds", "gauge",
          "Age of the oldest TCP receive zerocopy page the cgroup's processes still map; "
