@@ -90,10 +90,13 @@ class PoolSnapshot:
     page_size_bytes: int | None
     numa_node: int | None
     state: str                    # active / zombie / released
-    hold_pages_total: int         # page_pool_state_hold events seen since attach, pages
-    hold_net_iovs_total: int      # ... of net_iov (devmem / io_uring) netmem
-    release_pages_total: int
-    release_net_iovs_total: int
+    # page_pool_state_hold events seen since attach, pages; Unavailable for a pool netlink
+    # lists but netmemtrace does not track once the pools map was full (its events may
+    # have been dropped)
+    hold_pages_total: int | Unavailable
+    hold_net_iovs_total: int | Unavailable  # ... of net_iov (devmem / io_uring) netmem
+    release_pages_total: int | Unavailable
+    release_net_iovs_total: int | Unavailable
     kernel_hold_cnt: int | None   # the pool's own pages_state_hold_cnt, last seen
     kernel_release_cnt: int | None
     inflight_pages: int | Unavailable
@@ -123,6 +126,21 @@ class PoolSnapshot:
     listed_on: str | None = None
     zombie_age_source: str | None = None  # "kernel detach-time" or "first page_pool_release"
     recycling: Recycling | Unavailable = Unavailable("page-pool-stats-get not asked")
+
+    @property
+    def holds(self) -> int | Unavailable:
+        """Hold events of both netmem kinds, or why they are unknown."""
+        return _event_sum(self.hold_pages_total, self.hold_net_iovs_total)
+
+    @property
+    def releases(self) -> int | Unavailable:
+        return _event_sum(self.release_pages_total, self.release_net_iovs_total)
+
+
+def _event_sum(pages: int | Unavailable, net_iovs: int | Unavailable) -> int | Unavailable:
+    if isinstance(pages, Unavailable):
+        return pages
+    return net_iovs if isinstance(net_iovs, Unavailable) else pages + net_iovs
 
 
 @dataclass(frozen=True)
@@ -184,7 +202,7 @@ class ZerocopyStats:
     tx_notifications: int         # SO_EE_ORIGIN_ZEROCOPY messages read from the error queue
     tx_completed_sends: int       # send ids those messages completed
     tx_copied_sends: int          # ... flagged SO_EE_CODE_ZEROCOPY_COPIED (kernel copied)
-    tx_inflight_bytes: int        # sent zerocopy, completion not yet read
+    tx_inflight_bytes: int | Unavailable  # sent zerocopy, completion not yet read (ledger)
 
 
 @dataclass(frozen=True)
@@ -193,9 +211,11 @@ class ProcessSnapshot:
     comm: str | None                          # None once the process is gone
     memcg_id: int
     zerocopy: ZerocopyStats
-    zerocopy_unaccounted_bytes: int           # TCP-rx-zerocopy bytes mapped now (ledger)
-    zerocopy_unaccounted_hwm_bytes: int       # highest since netmemtrace started
-    zerocopy_oldest_mapped_age_ns: int | None  # age of the oldest page still mapped
+    # The ledger's figures (and zerocopy.tx_inflight_bytes): Unavailable once the zc_events
+    # ring buffer dropped an event that may concern this process (LEDGER_LOSS)
+    zerocopy_unaccounted_bytes: int | Unavailable  # TCP-rx-zerocopy bytes mapped now
+    zerocopy_unaccounted_hwm_bytes: int | Unavailable  # highest since netmemtrace started
+    zerocopy_oldest_mapped_age_ns: int | None | Unavailable  # the oldest page still mapped
     smaps_socket_rss_bytes: int | Unavailable  # cross-check: Rss of socket: mappings
     ledger_vs_smaps_bytes: int | Unavailable  # zerocopy_unaccounted - smaps (0 = agree)
     exited: bool = False                      # gone; its figures are final
@@ -219,9 +239,10 @@ class MemcgSnapshot:
     sock_charged_now_bytes: int | Unavailable      # socket memory charged now (polled)
     sock_charged_now_source: str
     zerocopy: ZerocopyStats
-    zerocopy_unaccounted_bytes: int                # sum over its processes
-    zerocopy_unaccounted_hwm_bytes: int
-    zerocopy_oldest_mapped_age_ns: int | None
+    # Unavailable as soon as one of its processes' is (hwm: once any ledger event was lost)
+    zerocopy_unaccounted_bytes: int | Unavailable  # sum over its processes
+    zerocopy_unaccounted_hwm_bytes: int | Unavailable
+    zerocopy_oldest_mapped_age_ns: int | None | Unavailable
     would_be_charged_bytes: int | Unavailable      # sock_charged_now + zerocopy_unaccounted
     processes: tuple[ProcessSnapshot, ...]         # top processes by unaccounted bytes
     # What accept() will charge here: connections queued on listeners this memcg owns,

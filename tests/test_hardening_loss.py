@@ -5,6 +5,7 @@ per domain a live test overflows one and sees the loss counted in `dump` and in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -24,12 +25,19 @@ from test_zerocopy_live import Workload, netns, workload  # noqa: F401 (fixtures
 from netmemtrace.collect import zerocopy
 from netmemtrace.collect.ledger import PAGE
 from netmemtrace.collect.memcg import TRACEPOINT_SOURCE, SockEvents, build_memcgs, event_source
+from netmemtrace.collect.pagepool import PagePoolReader
 from netmemtrace.collect.zerocopy import COUNTER_FIELDS
 from netmemtrace.commands import options
-from netmemtrace.snapshot import Unavailable
+from netmemtrace.host.netlink import KernelView, NetnsView
+from netmemtrace.kernel import abi
+from netmemtrace.snapshot import KernelPoolView, SelfStats, Snapshot, Unavailable
+from netmemtrace.views import dump as dump_view
+from netmemtrace.views import text, top
+from netmemtrace.views.prometheus.collector import families
 from netmemtrace.workload import demo
 
 DUMP = [sys.executable, "-m", "netmemtrace.cli", "dump"]
+SEC = 10**9
 
 
 def test_map_sizes_knob_is_validated() -> None:
@@ -235,25 +243,74 @@ def test_memcg_map_overflow(monkeypatch) -> None:
         lost(served, "memcg", "memcg_map_full")
 
 
+def series(served: Served, name: str, **labels: str) -> list[tuple[dict, float]]:
+    body = http_get(f"{served.url}/metrics")[2]
+    return [(lab, v) for lab, v in values(body, name)
+            if all(lab.get(k) == x for k, x in labels.items())]
+
+
 @pytest.mark.live
 def test_zerocopy_ring_buffer_overflow(monkeypatch, workload, netns) -> None:  # noqa: F811
     """A one-page zc_events ring buffer whose reader falls behind (the tool's processes
     stopped while the workload receives): ledger events find no room, counted as
-    ringbuf_full."""
+    ringbuf_full. The ledger figures of that process and its memcg are then unavailable
+    with the reason, in dump and /metrics, never shown as if exact; a process started after
+    the drops is exact again."""
     with shrunk(monkeypatch, "zerocopy.zc_events=4096") as served, \
-            child_memcg("ring") as (d, _):
+            child_memcg("ring") as (d, rel), child_memcg("ring-after") as (d_after, rel_after):
         dump = AttachedDump()
         try:
             with stalled(dump.proc.pid, served.proc.pid):
                 w = Workload(workload, netns, d, str(8_000_000), "hold")
+            try:
+                time.sleep(0.5 * SLOW)  # both readers catch up and count the drops
+                # A few events: far fewer than the page holds, read as they come.
+                after = Workload(workload, netns, d_after, str(1 << 16), "hold")
+                try:
+                    doc = json.loads(dump.stop())
+                    seen = served_after_loss(served, rel, rel_after)
+                finally:
+                    after.stop()
+            finally:
                 w.stop()
-            doc = json.loads(dump.stop())
         finally:
             dump.close()
         # Each receive call is one event (plus the exit): far more than a page holds.
         assert w.totals["rx_calls"] > 4096 // 64
         assert doc["stats"]["zerocopy"]["ringbuf_full"] > 0, doc["stats"]
         lost(served, "zerocopy", "ringbuf_full")
+        unknown = {"unavailable": zerocopy.LEDGER_LOSS.reason}
+        (m,) = [m for m in doc["memcgs"] if m["path"] == rel]
+        (p,) = [p for p in m["processes"] if p["pid"] == w.pid]
+        for row in (m, p):
+            for name in ("zerocopy_unaccounted_bytes", "zerocopy_unaccounted_hwm_bytes",
+                         "zerocopy_oldest_mapped_age_ns"):
+                assert row[name] == unknown, (name, row)
+            assert row["zerocopy"]["tx_inflight_bytes"] == unknown, row
+        assert m["would_be_charged_bytes"] == unknown or \
+            isinstance(m["sock_charged_now_bytes"], dict), m
+        assert p["ledger_vs_smaps_bytes"] == unknown, p
+        held = after.totals["held_bytes"]
+        (m,) = [m for m in doc["memcgs"] if m["path"] == rel_after]
+        (p,) = [p for p in m["processes"] if p["pid"] == after.pid]
+        assert 0 < held == p["zerocopy_unaccounted_bytes"] == m["zerocopy_unaccounted_bytes"]
+        assert m["zerocopy_unaccounted_hwm_bytes"] == held and p["ledger_vs_smaps_bytes"] == 0
+        assert seen == {"unknown": zerocopy.LEDGER_LOSS.reason, "after": held}
+
+
+def served_after_loss(served: Served, rel: str, rel_after: str) -> dict:
+    """/metrics once serve's snapshot has both memcgs: why the first one's unaccounted
+    bytes are missing (and that they are), and the second one's."""
+    deadline = time.monotonic() + 20 * SLOW
+    while not series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel_after):
+        assert time.monotonic() < deadline, f"{rel_after} not in /metrics"
+        time.sleep(0.5)
+    assert series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel) == []
+    why = [lab["reason"] for lab, _ in series(
+        served, "netmemtrace_figure_unavailable_info", cgroup=rel,
+        figure="netmemtrace_zerocopy_unaccounted_bytes")]
+    ((_, after),) = series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel_after)
+    return {"unknown": why[0] if len(why) == 1 else why, "after": after}
 
 
 @pytest.mark.live
@@ -298,3 +355,154 @@ def test_untracked_memcg_socket_figures_are_unavailable() -> None:
     assert other.sock_charged_pages_total == Unavailable("unknown: the memcg_sock map was full")
     assert isinstance(other.sock_net_charged_since_attach_bytes, Unavailable)
     assert build(None)[1].sock_charged_pages_total == 0
+
+
+# ---- a loss marks the figures it may have made wrong (no BPF: the readers' own logic) ----
+
+
+class FakeMap:
+    """A BPF map as the readers use it, holding nothing but the values given."""
+
+    def __init__(self, name: str, values: tuple[bytes, ...] = ()) -> None:
+        self.name = name
+        self._values = values
+
+    def items(self) -> list:
+        return []
+
+    def lookup_per_cpu(self, key: object) -> list[bytes] | None:
+        return list(self._values) or None
+
+
+def pagepool_reader(pool_map_full: int) -> PagePoolReader:
+    """A reader of an empty pagepool object whose pagepool_stats say pool_map_full."""
+    stats_t = abi.btf("pagepool").struct("pagepool_stats")
+    maps = {n: FakeMap(n) for n in ("pool_counters", "pools", "retired_pools")}
+    maps["pagepool_stats"] = FakeMap("pagepool_stats",
+                                     (bytes(stats_t(pool_map_full=pool_map_full)),))
+    return PagePoolReader(SimpleNamespace(map=maps.__getitem__))
+
+
+def test_listed_pool_untracked_after_pool_map_full_has_unavailable_event_totals() -> None:
+    """A pool netlink lists (a real NIC's) that the pools map has no record of: with no
+    loss, no page_pool event since attach (totals 0, exact); once the map was full, its
+    events may be the ones dropped: the totals are unavailable with the reason, in the
+    snapshot, dump's JSON, /metrics, top and dump's pool table, never 0."""
+    view = KernelPoolView(inflight_pages=64, inflight_bytes=64 * PAGE, detach_time_s=None,
+                          dmabuf_id=None, ifindex=2, napi_id=8193, netns="host")
+    kv = KernelView((NetnsView("host", {5: view}, {8193: 2}, {1: "lo", 2: "eth0"}),))
+    (idle,) = pagepool_reader(0).read(SEC, kv)
+    assert (idle.pool_addr, idle.hold_pages_total, idle.release_net_iovs_total) == (None, 0, 0)
+    (pool,) = pagepool_reader(3).read(SEC, kv)
+    assert (pool.pool_id, pool.netdev, pool.inflight_pages) == (5, "eth0", 64)
+    why = pool.hold_pages_total
+    assert isinstance(why, Unavailable) and "pools map was full (pool_map_full)" in why.reason
+    assert pool.hold_net_iovs_total == pool.release_pages_total == \
+        pool.release_net_iovs_total == pool.holds == pool.releases == why
+    snap = Snapshot(taken_monotonic_ns=2 * SEC, taken_unix_s=0.0, host="h", kernel_release="r",
+                    probes=(), pools=(pool,), self_stats=SelfStats(snapshot_build_ns=0),
+                    stats={"pagepool": {"pool_map_full": 3}})
+    (shown,) = dump_view.to_document(snap)["pools"]
+    for name in ("hold_pages_total", "hold_net_iovs_total", "release_pages_total",
+                 "release_net_iovs_total"):
+        assert shown[name] == {"unavailable": why.reason}, name
+    fams = {f.name: f for f in families(snap)}
+    for name in ("netmemtrace_page_pool_hold_pages", "netmemtrace_page_pool_release_pages"):
+        assert fams[name].rows == [], name  # no series at all, not a 0
+    explained = {(labels[0], labels[1]) for labels, _ in
+                 fams["netmemtrace_figure_unavailable"].rows}
+    for figure in ('netmemtrace_page_pool_hold_pages_total{netmem="page"}',
+                   'netmemtrace_page_pool_release_pages_total{netmem="net_iov"}'):
+        assert (figure, why.reason) in explained, explained
+    assert fams["netmemtrace_page_pool_inflight_pages"].rows[0][1] == 64  # the kernel's
+    cells = [c.text for c in top.pool_row(pool, None).cells]
+    assert cells[8:10] == ["n/a", "n/a"], cells  # HOLD/s, REL/s
+    later = dataclasses.replace(snap, taken_monotonic_ns=3 * SEC)
+    assert top.pool_rates(later, snap) == {}
+    assert text.pool_summary(snap).splitlines()[1].split()[4:6] == ["unavailable"] * 2
+
+
+PID_LIMIT = 1 << 22  # PID_MAX_LIMIT of 64-bit kernels: no pid reaches it
+
+
+def figures(pid: int, unaccounted: int, oldest: int | None = None,
+            exit_ns: int | None = None) -> zerocopy.ProcessFigures:
+    return zerocopy.ProcessFigures(
+        pid=pid, memcg_id=1, counters={**dict.fromkeys(COUNTER_FIELDS, 0), "rx_calls": 1},
+        unaccounted_bytes=unaccounted, unaccounted_hwm_bytes=2 * unaccounted,
+        oldest_mapped_ns=oldest, inflight_bytes=PAGE, exit_ns=exit_ns)
+
+
+def test_ledger_figures_are_unavailable_after_a_ring_buffer_drop() -> None:
+    """Once zc_events dropped an event (ringbuf_full), the ledger figures of every process
+    it may concern (running at the drop), and so of its memcg, are unavailable: a dropped
+    map undercounts, a dropped unmap or exit overcounts. Exact stay a process that exited
+    before the first drop and one started after the last (unless its pid has ranges from
+    before), and an exited process's final figures."""
+    loss = zerocopy.LedgerLoss()
+    # pids above any pid_max (no /proc entry, no comm); start: CLOCK_BOOTTIME, 13 is gone
+    p10, p11, p12, p13, p20, p21 = (PID_LIMIT + n for n in (10, 11, 12, 13, 20, 21))
+    starts = {p10: 1_000, p11: 9_000, p12: 9_000}
+    old, new, reused, gone = figures(p10, 3 * PAGE, oldest=50), figures(p11, 2 * PAGE), \
+        figures(p12, PAGE, oldest=150), figures(p13, PAGE, oldest=60)
+    early, late = figures(p20, 0, exit_ns=90), figures(p21, 0, exit_ns=250)
+    loss.count(0, 100, 101, 1_101)       # a read before any drop
+    assert loss.marked(old, starts.get) == old
+    loss.count(4, 200, 201, 5_000)       # the drops happened before this read
+    loss.count(4, 300, 301, 6_000)       # none since: the last drop is still before 201
+    lost = zerocopy.LEDGER_LOSS
+    marked = {p.pid: loss.marked(p, starts.get) for p in (old, new, reused, gone, early, late)}
+    for pid in (p10, p12, p13):  # ran across the drop; 12: a reused pid, 13: exit dropped
+        p = marked[pid]
+        assert p.unaccounted_bytes == p.unaccounted_hwm_bytes == p.oldest_mapped_ns == \
+            p.inflight_bytes == lost, pid
+    assert marked[p11] == new and marked[p20] == early
+    assert marked[p21] == dataclasses.replace(late, unaccounted_hwm_bytes=lost)
+
+    sock = {2: SockEvents(1, 0)}
+    exact = dataclasses.replace(new, memcg_id=3)
+    procs = [marked[p10], marked[p11], marked[p21], exact]
+
+    def cross_check(pid: int, ledger: int) -> tuple[int, int]:
+        return 5 * PAGE, ledger - 5 * PAGE
+
+    m1, m2, m3 = build_memcgs(procs, {1: dict.fromkeys(COUNTER_FIELDS, 0)}, {1: 9 * PAGE,
+                              3: 2 * PAGE}, sock, TRACEPOINT_SOURCE, "", None, 0,
+                              cross_check, None, ledger_lost=True)
+    assert (m1.cgroup_id, m2.cgroup_id, m3.cgroup_id) == (1, 2, 3)
+    assert m1.zerocopy_unaccounted_bytes == m1.zerocopy_unaccounted_hwm_bytes == \
+        m1.zerocopy_oldest_mapped_age_ns == m1.zerocopy.tx_inflight_bytes == lost
+    rows = {p.pid: p for p in m1.processes}
+    assert rows[p10].zerocopy_unaccounted_bytes == rows[p10].ledger_vs_smaps_bytes == lost
+    assert rows[p10].smaps_socket_rss_bytes == 5 * PAGE  # the kernel's side stands
+    assert rows[p11].zerocopy_unaccounted_bytes == 2 * PAGE and \
+        rows[p11].ledger_vs_smaps_bytes == -3 * PAGE
+    assert rows[p21].zerocopy_unaccounted_bytes == 0 and \
+        rows[p21].zerocopy_unaccounted_hwm_bytes == lost
+    # No zerocopy at all: nothing to lose. Only processes started after the last drop and
+    # none exited: exact again.
+    assert (m2.zerocopy_unaccounted_bytes, m2.zerocopy_unaccounted_hwm_bytes) == (0, 0)
+    assert (m3.zerocopy_unaccounted_bytes, m3.zerocopy_unaccounted_hwm_bytes,
+            m3.zerocopy.tx_inflight_bytes) == (2 * PAGE, 2 * PAGE, PAGE)
+
+    snap = Snapshot(taken_monotonic_ns=0, taken_unix_s=0.0, host="h", kernel_release="r",
+                    probes=(), pools=(), self_stats=SelfStats(snapshot_build_ns=0),
+                    memcgs=(dataclasses.replace(m1, path="/a"),
+                            dataclasses.replace(m3, path="/b")))
+    doc = dump_view.to_document(snap)["memcgs"]
+    assert doc[0]["zerocopy_unaccounted_bytes"] == {"unavailable": lost.reason}
+    assert doc[0]["processes"][-1]["zerocopy_unaccounted_hwm_bytes"] == \
+        {"unavailable": lost.reason}
+    fams = {f.name: f for f in families(snap)}
+    explained = {labels[0] for labels, _ in fams["netmemtrace_figure_unavailable"].rows
+                 if labels[1] == lost.reason}
+    assert {"netmemtrace_zerocopy_unaccounted_bytes",
+            "netmemtrace_zerocopy_unaccounted_hwm_bytes",
+            "netmemtrace_memcg_zerocopy_tx_inflight_bytes",
+            f'netmemtrace_process_zerocopy_unaccounted_bytes{{pid="{p10}",comm=""}}'
+            } <= explained
+    assert [v for _, v in fams["netmemtrace_zerocopy_unaccounted_bytes"].rows] == [2 * PAGE]
+    assert [v for _, v in fams["netmemtrace_process_zerocopy_unaccounted_bytes"].rows] == \
+        [2 * PAGE, 2 * PAGE]
+    (line,) = [x for x in text.verify_table(snap).splitlines() if x.startswith(str(p10))]
+    assert "unavailable" in line.split()[2], line

@@ -151,12 +151,15 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
                  resolver: cgroups.CgroupResolver | None, now_ns: int,
                  cross_check: CrossCheck, per_memcg: int | None = SERVE_ROWS.per_memcg,
                  awaiting: dict[int, int] | Unavailable | None = None,
-                 untracked: str | None = None) -> tuple[MemcgSnapshot, ...]:
+                 untracked: str | None = None, ledger_lost: bool = False
+                 ) -> tuple[MemcgSnapshot, ...]:
     """procs: running processes and rows of exited ones (exit_ns set), whose counters
     `exited` already holds per memcg. per_memcg: process rows per memcg (None: all).
     awaiting: listener memcg id -> bytes accept() will charge there (awaiting_accept()).
     untracked: why a memcg missing from sock has unknown socket events (MemcgReader's
-    untracked()); None: missing means none."""
+    untracked()); None: missing means none. ledger_lost: the zc_events ring buffer
+    dropped events: a memcg's high-water mark is unknown if a row's is, or if it has
+    exited processes (their rows may be gone)."""
     by_memcg: dict[int, list[ProcessFigures]] = {}
     for p in procs:
         by_memcg.setdefault(p.memcg_id, []).append(p)
@@ -175,13 +178,19 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
         counters = exited.get(memcg_id, dict.fromkeys(COUNTER_FIELDS, 0))
         for p in members:
             counters = add_counters(counters, p.counters)
-        unaccounted = sum(p.unaccounted_bytes for p in members)
-        oldest = [p.oldest_mapped_ns for p in members if p.oldest_mapped_ns is not None]
-        # Running before exited, then by unaccounted bytes; exited, most recent first.
+        unaccounted = _ledger_sum(p.unaccounted_bytes for p in members)
+        oldest = _oldest([p.oldest_mapped_ns for p in members])
+        # Running before exited, then by unaccounted bytes (unknown last); exited, most
+        # recent first.
         processes = tuple(sorted(
             (_process(p, now_ns, cross_check) for p in rows),
-            key=lambda p: (p.exited, -p.zerocopy_unaccounted_bytes, p.exit_age_ns or 0,
+            key=lambda p: (p.exited, isinstance(p.zerocopy_unaccounted_bytes, Unavailable),
+                           -_known(p.zerocopy_unaccounted_bytes), p.exit_age_ns or 0,
                            p.pid)))[:per_memcg]
+        # The high-water mark is as exact as every process that ever counted in it: known
+        # for the rows here, not for exited processes whose rows went.
+        hwm_unknown = ledger_lost and (memcg_id in exited or any(
+            isinstance(p.unaccounted_hwm_bytes, Unavailable) for p in rows))
 
         charged: int | Unavailable
         uncharged: int | Unavailable
@@ -203,17 +212,45 @@ def build_memcgs(procs: list[ProcessFigures], exited: dict[int, dict[str, int]],
             sock_event_source=source, sock_charged_pages_total=charged,
             sock_uncharged_pages_total=uncharged, sock_net_charged_since_attach_bytes=net,
             sock_charged_now_bytes=now_bytes, sock_charged_now_source=now_source,
-            zerocopy=zerocopy_stats(counters, sum(p.inflight_bytes for p in members)),
+            zerocopy=zerocopy_stats(counters, _ledger_sum(p.inflight_bytes for p in members)),
             zerocopy_unaccounted_bytes=unaccounted,
-            zerocopy_unaccounted_hwm_bytes=ledger_hwm.get(memcg_id, 0),
-            zerocopy_oldest_mapped_age_ns=now_ns - min(oldest) if oldest else None,
-            would_be_charged_bytes=now_bytes + unaccounted if isinstance(now_bytes, int)
-            else now_bytes,
+            zerocopy_unaccounted_hwm_bytes=zerocopy.LEDGER_LOSS if hwm_unknown
+            else ledger_hwm.get(memcg_id, 0),
+            zerocopy_oldest_mapped_age_ns=now_ns - oldest if isinstance(oldest, int)
+            else oldest,
+            would_be_charged_bytes=now_bytes if isinstance(now_bytes, Unavailable)
+            else unaccounted if isinstance(unaccounted, Unavailable)
+            else now_bytes + unaccounted,
             processes=processes,
             sock_awaiting_accept_bytes=awaiting.get(memcg_id, 0)
             if isinstance(awaiting, dict) else awaiting,
         ))
     return tuple(out)
+
+
+def _ledger_sum(values: Iterable[int | Unavailable]) -> int | Unavailable:
+    """A ledger figure summed over processes; unknown if one process's is."""
+    total = 0
+    for v in values:
+        if isinstance(v, Unavailable):
+            return v
+        total += v
+    return total
+
+
+def _oldest(values: list[int | None | Unavailable]) -> int | None | Unavailable:
+    """The earliest map time of processes (None: none maps anything); unknown if one
+    process's is."""
+    missing = next((v for v in values if isinstance(v, Unavailable)), None)
+    if missing is not None:
+        return missing
+    known = [v for v in values if isinstance(v, int)]
+    return min(known) if known else None
+
+
+def _known(v: int | Unavailable) -> int:
+    """A figure for ranking only: 0 where unknown."""
+    return 0 if isinstance(v, Unavailable) else v
 
 
 def awaiting_accept(unaccepted: tuple[UnacceptedSocket, ...]) -> dict[int, int]:
@@ -247,7 +284,9 @@ def _process(p: ProcessFigures, now_ns: int, cross_check: CrossCheck) -> Process
     if p.exit_ns is not None:
         smaps = diff = Unavailable("process exited: its mappings went with it")
     elif p.counters["rx_calls"] or p.unaccounted_hwm_bytes:  # hwm: found mapped at start
-        smaps, diff = cross_check(p.pid, p.unaccounted_bytes)
+        smaps, diff = cross_check(p.pid, _known(p.unaccounted_bytes))
+        if isinstance(p.unaccounted_bytes, Unavailable) and not isinstance(smaps, Unavailable):
+            diff = p.unaccounted_bytes  # smaps stands; the ledger side is unknown
     else:  # smaps is read only for TCP_ZEROCOPY_RECEIVE callers, never for every process
         smaps = diff = Unavailable("process never called TCP_ZEROCOPY_RECEIVE")
     return ProcessSnapshot(
@@ -256,7 +295,7 @@ def _process(p: ProcessFigures, now_ns: int, cross_check: CrossCheck) -> Process
         zerocopy_unaccounted_bytes=p.unaccounted_bytes,
         zerocopy_unaccounted_hwm_bytes=p.unaccounted_hwm_bytes,
         zerocopy_oldest_mapped_age_ns=now_ns - p.oldest_mapped_ns
-        if p.oldest_mapped_ns is not None else None,
+        if isinstance(p.oldest_mapped_ns, int) else p.oldest_mapped_ns,
         smaps_socket_rss_bytes=smaps, ledger_vs_smaps_bytes=diff,
         exited=p.exit_ns is not None,
         exit_age_ns=now_ns - p.exit_ns if p.exit_ns is not None else None)
@@ -287,7 +326,8 @@ class MemcgCollector:
             unaccepted = awaiting = Unavailable(f"the accept-queue iterator failed: {exc}")
         memcgs = build_memcgs(procs, exited, hwm, self.memcg.read(source), source, reason,
                               self.resolver, now_ns, zerocopy.cross_check,
-                              self._rows.per_memcg, awaiting, self.memcg.untracked())
+                              self._rows.per_memcg, awaiting, self.memcg.untracked(),
+                              ledger_lost=self.zerocopy.loss.lost > 0)
         led = self.zerocopy.ledger
         mismatched = sum(1 for m in memcgs for p in m.processes
                          if isinstance(p.ledger_vs_smaps_bytes, int) and p.ledger_vs_smaps_bytes)

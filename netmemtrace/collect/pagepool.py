@@ -129,6 +129,7 @@ class PagePoolReader:
         self._counters = obj.map("pool_counters")
         self._info = obj.map("pools")
         self._retired = obj.map("retired_pools")
+        self._stats = abi.Stats("pagepool", obj.map("pagepool_stats"))
         # (pool, first_seen_ns) -> (hold+release events, monotonic ns they last changed)
         self._activity: dict[tuple[int, int], tuple[int, int | None]] = {}
         # pool id -> monotonic ns netlink first listed it (pools with no event since attach)
@@ -149,6 +150,7 @@ class PagePoolReader:
         boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
         infos = {int.from_bytes(k, "little"): abi.decode(self._info_t, v[0])
                  for k, v in self._info.items()}
+        untracked = self.untracked()  # after the map: a pool dropped since is counted
         pools = []
         for info in infos.values():
             counters = self._slot_counters(info)
@@ -169,7 +171,8 @@ class PagePoolReader:
         seen_ids = {p.pool_id for p in pools if p.pool_id}
         for pool_id, view in sorted(listed.items()):
             if pool_id not in seen_ids and isinstance(kernel, KernelView):
-                pools.append(self._listed_only(pool_id, view, now_ns, kernel, boot_s))
+                pools.append(self._listed_only(pool_id, view, now_ns, kernel, boot_s,
+                                               untracked))
         live = {(info.pool, info.first_seen_ns) for info in infos.values()}
         keys = {*live, *(p.pool_id for p in pools if p.pool_id)}
         self._nics = {k: v for k, v in self._nics.items() if k in keys}
@@ -180,6 +183,15 @@ class PagePoolReader:
             if isinstance(view.stats, RecycleStats):
                 self._stats_prev[pool_id] = (now_ns, view.stats)
         return pools
+
+    def untracked(self) -> Unavailable | None:
+        """Why the event totals of a pool the pools map has no record of are unknown (the
+        map was full once: that pool's events may be the ones dropped), or None: then no
+        record means no page_pool event since attach, and its totals are 0."""
+        if self._stats.read()["pool_map_full"]:
+            return Unavailable("not tracked: the pools map was full (pool_map_full), so "
+                               "this pool's page_pool events may have been dropped")
+        return None
 
     # ---- the kernel's figures ----
 
@@ -260,9 +272,12 @@ class PagePoolReader:
     # ---- pools ----
 
     def _listed_only(self, pool_id: int, view: KernelPoolView, now_ns: int,
-                     kernel: KernelView, boot_s: float) -> PoolSnapshot:
-        """A pool netlink lists with no page_pool event since attach (idle, or older than
-        netmemtrace and not yet refilled): every figure is the kernel's."""
+                     kernel: KernelView, boot_s: float, untracked: Unavailable | None
+                     ) -> PoolSnapshot:
+        """A pool netlink lists and the pools map has no record of: no page_pool event
+        since attach (idle, or older than netmemtrace and not yet refilled), or, once the
+        map was full (untracked), events netmemtrace may have dropped. Every figure is the
+        kernel's; the event totals are 0, or untracked."""
         first = self._listed_since.setdefault(pool_id, now_ns)
         loc = self._locate(pool_id, view.napi_id, None, view, kernel)
         order = None
@@ -270,13 +285,14 @@ class PagePoolReader:
             order = (view.inflight_bytes // view.inflight_pages // PAGE_SIZE).bit_length() - 1
         age, age_source = self._zombie_age(view, boot_s, 0, now_ns)
         provider = "dmabuf" if view.dmabuf_id else "io_uring" if view.io_uring else "host"
+        events: int | Unavailable = 0 if untracked is None else untracked
         return PoolSnapshot(
             pool_addr=None, pool_id=pool_id, ifindex=loc.ifindex, netdev=loc.netdev,
             netns=loc.netns, napi_id=view.napi_id, provider=provider, page_order=order,
             page_size_bytes=None if order is None else PAGE_SIZE << order, numa_node=None,
             state="zombie" if view.detach_time_s else "active",
-            hold_pages_total=0, hold_net_iovs_total=0, release_pages_total=0,
-            release_net_iovs_total=0, kernel_hold_cnt=None, kernel_release_cnt=None,
+            hold_pages_total=events, hold_net_iovs_total=events, release_pages_total=events,
+            release_net_iovs_total=events, kernel_hold_cnt=None, kernel_release_cnt=None,
             inflight_pages=_known(view.inflight_pages),
             inflight_bytes=_known(view.inflight_bytes),
             first_seen_age_ns=now_ns - first, last_event_age_ns=None, destroy_age_ns=None,

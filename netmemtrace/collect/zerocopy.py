@@ -10,17 +10,19 @@ same lock, so a snapshot includes every event submitted before it started.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import select
 import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from netmemtrace.collect.ledger import MAX_RANGES, PAGE, Ledger
 from netmemtrace.host import cgroups
-from netmemtrace.host.procfs import smaps_socket_rss
+from netmemtrace.host.procfs import smaps_socket_rss, start_boottime_ns
 from netmemtrace.kernel import abi, libbpf, probes
 from netmemtrace.snapshot import Unavailable, ZerocopyStats
 
@@ -236,17 +238,27 @@ def memcg_id_of(pid: int) -> int | None:
     return None
 
 
+# Why ledger figures are unknown once the zc_events ring buffer dropped an event: a lost map
+# undercounts, a lost unmap, exit or tx completion overcounts, for ever.
+LEDGER_LOSS = Unavailable(
+    "incomplete: the zc_events ring buffer was full and dropped ledger events "
+    "(zerocopy ringbuf_full) that may concern it; exact again only for processes started "
+    "after the last drop")
+
+
 @dataclass(frozen=True)
 class ProcessFigures:
-    """What the zerocopy reader knows about one (process, memcg) pair."""
+    """What the zerocopy reader knows about one (process, memcg) pair. The ledger's figures
+    (unaccounted, oldest mapped, tx inflight) are LEDGER_LOSS where a lost event may
+    concern the process."""
 
     pid: int
     memcg_id: int
     counters: dict[str, int]
-    unaccounted_bytes: int
-    unaccounted_hwm_bytes: int
-    oldest_mapped_ns: int | None
-    inflight_bytes: int
+    unaccounted_bytes: int | Unavailable
+    unaccounted_hwm_bytes: int | Unavailable
+    oldest_mapped_ns: int | None | Unavailable
+    inflight_bytes: int | Unavailable
     exit_ns: int | None = None    # CLOCK_MONOTONIC of its exit; None while it runs
     comm: str | None = None       # exited: its name at exit (running: read from /proc)
 
@@ -268,7 +280,7 @@ TOP_ROWS = ProcessRows(exited_retention_s=60.0, max_exited=1024, per_memcg=10)
 SERVE_ROWS = ProcessRows(exited_retention_s=300.0, max_exited=1024, per_memcg=10)
 
 
-def zerocopy_stats(counters: dict[str, int], inflight: int) -> ZerocopyStats:
+def zerocopy_stats(counters: dict[str, int], inflight: int | Unavailable) -> ZerocopyStats:
     mapped, copied = counters["rx_mapped_bytes"], counters["rx_copied_bytes"]
     return ZerocopyStats(
         rx_mapped_pages=mapped // PAGE,
@@ -279,6 +291,53 @@ def zerocopy_stats(counters: dict[str, int], inflight: int) -> ZerocopyStats:
 
 def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in COUNTER_FIELDS}
+
+
+COUNT_LOST_EVERY_NS = 50_000_000  # the draining thread reads ringbuf_full at most this often
+
+
+class LedgerLoss:
+    """Which ledger figures the zc_events ring buffer's drops (ringbuf_full) may have made
+    wrong. The count is read once per snapshot; every drop so far happened before the read
+    that last saw it grow, and none before the last read that saw it at 0."""
+
+    def __init__(self) -> None:
+        self.lost = 0
+        self._clean_ns: int | None = None  # CLOCK_MONOTONIC of the last read seeing 0
+        self._dirty_ns = (0, 0)  # (CLOCK_MONOTONIC, CLOCK_BOOTTIME) after the last growth
+
+    def count(self, lost: int, before_ns: int, after_ns: int, after_boot_ns: int) -> None:
+        """ringbuf_full as read between before_ns and after_ns (CLOCK_MONOTONIC; after:
+        CLOCK_BOOTTIME too)."""
+        if not lost:
+            self._clean_ns = before_ns
+        elif lost != self.lost:
+            self._dirty_ns = (after_ns, after_boot_ns)
+        self.lost = lost
+
+    def marked(self, p: ProcessFigures,
+               start_ns: Callable[[int], int | None] = start_boottime_ns) -> ProcessFigures:
+        """p with LEDGER_LOSS for the figures a drop may have made wrong. Exact are: every
+        figure before the first drop; those of a process that exited before it; those of
+        one that started after the last drop (start_ns: pid -> CLOCK_BOOTTIME start, None
+        once gone), unless the ledger holds ranges of its pid from before (a dead process
+        whose exit was dropped, its pid reused); an exited process's final figures (its
+        mappings went with it), but not its high-water mark."""
+        if not self.lost:
+            return p
+        if p.exit_ns is not None:
+            if self._clean_ns is not None and p.exit_ns <= self._clean_ns:
+                return p
+            return dataclasses.replace(p, unaccounted_hwm_bytes=LEDGER_LOSS)
+        dirty_ns, dirty_boot_ns = self._dirty_ns
+        start = start_ns(p.pid)
+        oldest = p.oldest_mapped_ns
+        if start is not None and start > dirty_boot_ns and \
+                (not isinstance(oldest, int) or oldest > dirty_ns):
+            return p
+        return dataclasses.replace(p, unaccounted_bytes=LEDGER_LOSS,
+                                   unaccounted_hwm_bytes=LEDGER_LOSS,
+                                   oldest_mapped_ns=LEDGER_LOSS, inflight_bytes=LEDGER_LOSS)
 
 
 class ZerocopyReader:
@@ -307,6 +366,9 @@ class ZerocopyReader:
         self.bad_events = 0
         self._lock = threading.Lock()
         self._rb = libbpf.RingBuffer(obj.map("zc_events"), self._on_event)
+        self._stats = abi.Stats("zerocopy", obj.map("zc_stats"))
+        self.loss = LedgerLoss()
+        self._counted_ns = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -359,6 +421,19 @@ class ZerocopyReader:
             if ready:
                 with self._lock:
                     self._rb.poll(0)
+                    if time.monotonic_ns() - self._counted_ns > COUNT_LOST_EVERY_NS:
+                        self._count_lost()
+
+    def _count_lost(self) -> None:
+        """ringbuf_full, read after the ring was drained: a drop counted may concern any
+        figure of the ledger as it is now. Also read by the draining thread as it catches
+        up, so that the last drop's time is known closely (a process started after it is
+        exact) and not only at the next snapshot."""
+        before = time.monotonic_ns()
+        lost = self._stats.read()["ringbuf_full"]
+        self._counted_ns = time.monotonic_ns()
+        self.loss.count(lost, before, self._counted_ns,
+                        time.clock_gettime_ns(time.CLOCK_BOOTTIME))
 
     def _on_event(self, raw: bytes) -> None:
         if len(raw) < ctypes.sizeof(self._event_t):
@@ -459,6 +534,8 @@ class ZerocopyReader:
                     unaccounted_hwm_bytes=led.proc_hwm.get(pid, 0),
                     oldest_mapped_ns=led.oldest_mapped_ns(pid), inflight_bytes=0))
             procs += self.gone.values()
+            self._count_lost()
+            procs = [self.loss.marked(p) for p in procs]
             return procs, {k: dict(v) for k, v in self.exited.items()}, dict(led.memcg_hwm)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def comm_of(pid: int) -> str | None:
     """The process's name (/proc/PID/comm); None once it is gone."""
@@ -24,3 +26,16 @@ def smaps_socket_rss(pid: int) -> int:
             elif in_socket and line.startswith("Rss:"):
                 total += int(first[1]) * 1024
     return total
+
+
+def start_boottime_ns(pid: int) -> int | None:
+    """When the process started, CLOCK_BOOTTIME ns, rounded down to the clock tick
+    (/proc/PID/stat starttime); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22; the name (field 2) may hold spaces and parentheses: count after its end.
+    ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+    return ticks * 10**9 // os.sysconf("SC_CLK_TCK")

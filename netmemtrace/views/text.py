@@ -22,7 +22,7 @@ def verify_table(snap: Snapshot) -> str:
     for m in snap.memcgs:
         for p in m.processes:
             rows.append((str(p.pid), m.path or f"id {m.cgroup_id}",
-                         str(p.zerocopy_unaccounted_bytes), _text(p.smaps_socket_rss_bytes),
+                         _text(p.zerocopy_unaccounted_bytes), _text(p.smaps_socket_rss_bytes),
                          _text(p.ledger_vs_smaps_bytes)))
     return align_columns(rows)
 
@@ -34,6 +34,14 @@ def _text(v: int | Unavailable) -> str:
 RECYCLING_UNAVAILABLE = "unavailable"  # no recycling figure in the snapshot for this pool
 
 
+def _per_s(events: int | Unavailable, age_s: float) -> str:
+    """A pool's average event rate since it was first seen; "unavailable" (the reason is in
+    the JSON) when its events are unknown."""
+    if isinstance(events, Unavailable):
+        return "unavailable"
+    return f"{events / age_s:.0f}" if age_s > 0 else "-"
+
+
 def pool_summary(snap: Snapshot) -> str:
     """One line per page pool: what a person wants first, beside `dump --output`'s JSON.
     Rates are averages since the pool was first seen (one snapshot has no interval)."""
@@ -41,13 +49,10 @@ def pool_summary(snap: Snapshot) -> str:
              "STATE")]
     for p in snap.pools:
         age_s = p.first_seen_age_ns / 1e9
-        holds = p.hold_pages_total + p.hold_net_iovs_total
-        releases = p.release_pages_total + p.release_net_iovs_total
         rows.append((
             str(p.pool_id) if p.pool_id is not None else f"{p.pool_addr:#x}",
             p.netdev or "-", p.netns or "-", _text(p.inflight_pages),
-            f"{holds / age_s:.0f}" if age_s > 0 else "-",
-            f"{releases / age_s:.0f}" if age_s > 0 else "-",
+            _per_s(p.holds, age_s), _per_s(p.releases, age_s),
             RECYCLING_UNAVAILABLE,
             p.state))
     if len(rows) == 1:

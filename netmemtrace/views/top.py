@@ -150,14 +150,6 @@ def pool_identity(pool: PoolSnapshot, snap: Snapshot) -> PoolId:
     return addr, snap.taken_monotonic_ns - pool.first_seen_age_ns
 
 
-def _holds(p: PoolSnapshot) -> int:
-    return p.hold_pages_total + p.hold_net_iovs_total
-
-
-def _releases(p: PoolSnapshot) -> int:
-    return p.release_pages_total + p.release_net_iovs_total
-
-
 def pool_rates(cur: Snapshot, prev: Snapshot | None) -> dict[PoolId, tuple[float, float]]:
     """(holds/s, releases/s) per pool over the time between two snapshots' reads.
 
@@ -174,17 +166,22 @@ def pool_rates(cur: Snapshot, prev: Snapshot | None) -> dict[PoolId, tuple[float
         old = before.get(ident)
         if old is None and ident[1] < prev.taken_monotonic_ns:
             continue
-        holds0, releases0 = (_holds(old), _releases(old)) if old else (0, 0)
-        if _holds(p) >= holds0 and _releases(p) >= releases0:
-            rates[ident] = ((_holds(p) - holds0) / dt_s, (_releases(p) - releases0) / dt_s)
+        holds0, releases0 = (old.holds, old.releases) if old else (0, 0)
+        holds, releases = p.holds, p.releases
+        if not (isinstance(holds, int) and isinstance(releases, int)
+                and isinstance(holds0, int) and isinstance(releases0, int)):
+            continue  # events not tracked (the pools map was full): no rate
+        if holds >= holds0 and releases >= releases0:
+            rates[ident] = ((holds - holds0) / dt_s, (releases - releases0) / dt_s)
     return rates
 
 
 def memory_kind(p: PoolSnapshot) -> str:
     """page or net_iov: what the pool's events carried, else what its provider hands out
     (memory providers, dmabuf and io_uring, give net_iovs only)."""
-    seen = [k for k, n in (("page", p.hold_pages_total + p.release_pages_total),
-                           ("net_iov", p.hold_net_iovs_total + p.release_net_iovs_total)) if n]
+    seen = [k for k, counts in (("page", (p.hold_pages_total, p.release_pages_total)),
+                                ("net_iov", (p.hold_net_iovs_total, p.release_net_iovs_total)))
+            if any(isinstance(n, int) and n for n in counts)]
     if seen:
         return "+".join(seen)
     return "page" if p.provider == "host" else "net_iov"
@@ -213,7 +210,11 @@ def recycle_cells(r: Recycling | Unavailable) -> tuple[Cell, Cell]:
 
 
 def pool_row(p: PoolSnapshot, rates: tuple[float, float] | None) -> Row:
+    hold_rate: float | None | Unavailable
+    release_rate: float | None | Unavailable
     hold_rate, release_rate = rates if rates else (None, None)
+    if isinstance(p.holds, Unavailable):  # n/a, not "-": known to be unknown
+        hold_rate, release_rate = p.holds, p.releases
     return Row((
         Cell(p.netdev or UNKNOWN, p.netdev or None),
         Cell(p.netns or UNKNOWN, p.netns or None),

@@ -101,9 +101,9 @@ def memcg_labels(m: MemcgSnapshot) -> tuple[str, ...]:
 
 def memory_rank(m: MemcgSnapshot) -> int:
     """What the cgroup cap ranks by: socket memory charged now (where known) + unaccounted
-    zerocopy, i.e. would_be_charged_bytes where that is available."""
-    sock = m.sock_charged_now_bytes
-    return m.zerocopy_unaccounted_bytes + (sock if isinstance(sock, int) else 0)
+    zerocopy, i.e. would_be_charged_bytes where that is available (an unknown part: 0)."""
+    return sum(v for v in (m.sock_charged_now_bytes, m.zerocopy_unaccounted_bytes)
+               if isinstance(v, int))
 
 
 def capped(items: Sequence, key: Callable[[object], object], limit: int
@@ -370,9 +370,11 @@ def _zombie_holders(v: View) -> Iterator[Row]:
 
 def _process_unaccounted(v: View) -> Iterator[Row]:
     # The top N of every process (tens of thousands on a large host): a heap, not a sort;
-    # the row index breaks ties so that snapshots are never compared.
+    # the row index breaks ties so that snapshots are never compared. A process whose
+    # figure is unknown (ledger events lost) ranks last, its series unavailable.
     shown = heapq.nlargest(v.max_cgroups, (
-        (p.zerocopy_unaccounted_bytes, -p.pid, -i, m, p)
+        (p.zerocopy_unaccounted_bytes if isinstance(p.zerocopy_unaccounted_bytes, int)
+         else -1, -p.pid, -i, m, p)
         for i, (m, p) in enumerate((m, p) for m in v.snap.memcgs for p in m.processes)
         if p.zerocopy_unaccounted_bytes))
     for *_, m, p in shown:
@@ -448,6 +450,8 @@ _CAPPED = ("Only the top N cgroups by memory (socket memory + unaccounted zeroco
            "--max-cgroups) have their own series; the others are summed into cgroup=\"other\" "
            "(sum of the figures known for them), whose counters drop when a cgroup moves "
            "into the top N.")
+_LEDGER = ("Absent once the zc_events ring buffer dropped a ledger event that may concern a "
+           "process of the cgroup (ringbuf_full), see netmemtrace_figure_unavailable_info.")
 _ESTIMATED = ("Estimated: 1 in netmemtrace_netmem_sample_factor netmem is tracked and "
               "counts are scaled by that factor.")
 RECYCLED_PER_S = ("recycle_cached", "recycle_ring")
@@ -529,12 +533,14 @@ CATALOGUE: tuple[Spec, ...] = (
          "pool", (), pool_figure(lambda p: p.inflight_bytes)),
     Spec("netmemtrace_page_pool_hold_pages", "counter",
          f"Pages the page_pool handed out since netmemtrace attached ({_UNIT}); netmem=page "
-         "for host pages, net_iov for devmem / io_uring zcrx memory.", "pool", ("netmem",),
+         "for host pages, net_iov for devmem / io_uring zcrx memory. Absent for a pool "
+         "netlink lists that netmemtrace could not track (the pools map was full), see "
+         "netmemtrace_figure_unavailable_info.", "pool", ("netmem",),
          pool_series((("page",), lambda p: p.hold_pages_total),
                      (("net_iov",), lambda p: p.hold_net_iovs_total))),
     Spec("netmemtrace_page_pool_release_pages", "counter",
-         f"Pages returned to the page_pool's allocator since netmemtrace attached ({_UNIT}).",
-         "pool", ("netmem",),
+         f"Pages returned to the page_pool's allocator since netmemtrace attached ({_UNIT}). "
+         "Absent where the pool's holds are.", "pool", ("netmem",),
          pool_series((("page",), lambda p: p.release_pages_total),
                      (("net_iov",), lambda p: p.release_net_iovs_total))),
     Spec("netmemtrace_page_pool_release_calls", "counter",
@@ -655,20 +661,24 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("netmemtrace_zerocopy_unaccounted_bytes", "gauge",
          "TCP receive zerocopy memory the cgroup's processes keep mapped now, bytes: "
          "uncharged from socket memory when mapped and charged to no memory cgroup, so no "
-         f"memory limit bounds it. {_CAPPED}", "memcg", (),
+         f"memory limit bounds it. {_LEDGER} {_CAPPED}", "memcg", (),
          memcg_figure("zerocopy_unaccounted_bytes")),
     Spec("netmemtrace_zerocopy_unaccounted_hwm_bytes", "gauge",
          "Highest netmemtrace_zerocopy_unaccounted_bytes of the cgroup since netmemtrace "
-         f"started, bytes (for cgroup=\"other\": the sum of their highs). {_CAPPED}", "memcg",
+         "started, bytes (for cgroup=\"other\": the sum of their highs). Absent once the "
+         "zc_events ring buffer dropped a ledger event, unless every process of the cgroup "
+         "is known to be unaffected (started after the last drop, none exited), see "
+         f"netmemtrace_figure_unavailable_info. {_CAPPED}", "memcg",
          (), memcg_figure("zerocopy_unaccounted_hwm_bytes")),
     Spec("netmemtrace_zerocopy_oldest_mapped_age_seconds", "gauge",
          "Age of the oldest TCP receive zerocopy page the cgroup's processes still map; "
-         f"absent when none is mapped (cgroup=\"other\": the oldest of them). {_CAPPED}",
+         f"absent when none is mapped (cgroup=\"other\": the oldest of them). {_LEDGER} "
+         f"{_CAPPED}",
          "memcg", (), memcg_figure("zerocopy_oldest_mapped_age_ns", merge=max, scale=NS_PER_S)),
     Spec("netmemtrace_memcg_would_be_charged_bytes", "gauge",
          "Socket memory charged now + unaccounted zerocopy memory mapped now, bytes: what the "
          "cgroup would be charged if network pages stayed accounted while user space maps "
-         f"them. Absent when socket memory is unknown. {_CAPPED}", "memcg", (),
+         f"them. Absent when either part is unknown. {_CAPPED}", "memcg", (),
          memcg_figure("would_be_charged_bytes")),
     _memcg_zerocopy("rx_calls", "rx_calls", "getsockopt(TCP_ZEROCOPY_RECEIVE) calls"),
     _memcg_zerocopy("rx_errors", "rx_errors", "TCP_ZEROCOPY_RECEIVE calls that failed"),
@@ -696,11 +706,14 @@ CATALOGUE: tuple[Spec, ...] = (
                     "Completed MSG_ZEROCOPY sends the kernel copied anyway"),
     Spec("netmemtrace_memcg_zerocopy_tx_inflight_bytes", "gauge",
          "Bytes sent with MSG_ZEROCOPY whose completion was not read yet (pinned user "
-         f"memory). {_CAPPED}", "memcg", (), memcg_figure("zerocopy.tx_inflight_bytes")),
+         f"memory). {_LEDGER} {_CAPPED}", "memcg", (),
+         memcg_figure("zerocopy.tx_inflight_bytes")),
     Spec("netmemtrace_process_zerocopy_unaccounted_bytes", "gauge",
          "TCP receive zerocopy memory a process keeps mapped now, charged to no memory "
          "cgroup, bytes. Only the top --max-cgroups processes with any (at most 10 per "
-         "cgroup) have a series; netmemtrace_zerocopy_unaccounted_bytes has the totals.",
+         "cgroup) have a series; netmemtrace_zerocopy_unaccounted_bytes has the totals. "
+         "Absent once the zc_events ring buffer dropped a ledger event that may concern the "
+         "process (the process ranks last), see netmemtrace_figure_unavailable_info.",
          "memcg", ("pid", "comm"), _process_unaccounted),
     Spec("netmemtrace_process_exited_seconds", "gauge",
          "Seconds since a process that made zerocopy calls exited. Its series lasts as long "
