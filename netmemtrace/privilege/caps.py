@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 
 CAP_DAC_READ_SEARCH = 2
 CAP_NET_ADMIN = 12
@@ -118,9 +120,21 @@ def check_all_threads(mask: int) -> None:
                         f"{'; '.join(bad)}")
 
 
+def _await_joined_threads(timeout_s: float = 2.0) -> None:
+    """Wait until the kernel has no more threads than Python has live ones. A thread that
+    Python has joined (the object loader's pool, shut down) can still exist in the kernel
+    for a moment after it released its lock; it would keep its capabilities through the
+    drop, which changes the calling thread only."""
+    deadline = time.monotonic() + timeout_s
+    while (len(os.listdir("/proc/self/task")) > threading.active_count()
+           and time.monotonic() < deadline):
+        time.sleep(0.002)
+
+
 def drop_after_attach(keep: tuple[int, ...] = KEEP) -> int:
     """Reduce this process to `keep` (effective, permitted, bounding set). Call while it has
     one thread; CapsError if any other thread kept more. Returns the mask."""
+    _await_joined_threads()
     mask = set_caps(keep)
     check_all_threads(mask)
     return mask
