@@ -132,7 +132,7 @@ def test_broker_never_outlives_its_daemon(how: str) -> None:
         pid = int(daemon.stdout.readline())
         if how == "SIGKILL":
             daemon.send_signal(signal.SIGKILL)
-        daemon.wait(10)
+        daemon.wait(10 * SLOW)
         assert process_gone(pid), f"broker {pid} outlived its daemon"
     finally:
         if daemon.poll() is None:
