@@ -214,6 +214,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert float(level[1]) <= 3.6, done.stdout
 
 
+@pytest.mark.veth_page_pool  # the pool series it waits for come from the demo's veth
 @pytest.mark.live
 def test_unit_capability_set_is_enough_and_minimal() -> None:
     """The daemon with exactly the unit's bounding set attaches, drops to the capabilities
