@@ -320,6 +320,7 @@ def pool_series(body: bytes, topo: demo.VethTopology, name: str,
             and all(lab.get(k) == x for k, x in labels.items())]
 
 
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_pool_series_labels_and_counters(traced) -> None:
     served, topo, _held = traced
@@ -344,6 +345,7 @@ def test_pool_series_labels_and_counters(traced) -> None:
     assert pool_series(body, topo, "netmemtrace_page_pool_inflight_bytes") == [inflight[0] * 4096]
 
 
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_real_scrape_passes_promtool_check_metrics(traced) -> None:
     served, _topo, _held = traced
@@ -353,6 +355,7 @@ def test_real_scrape_passes_promtool_check_metrics(traced) -> None:
     assert done.returncode == 0 and not done.stdout and not done.stderr, done
 
 
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_http_surface(traced) -> None:
     served, topo, _held = traced
@@ -371,6 +374,7 @@ def test_http_surface(traced) -> None:
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
 
 
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_each_scrape_reads_and_concurrent_scrapes_share_a_read(traced) -> None:
     """Issue 16.3: a scrape shows the kernel at scrape time (each one reads), and scrapes
@@ -392,6 +396,7 @@ def test_each_scrape_reads_and_concurrent_scrapes_share_a_read(traced) -> None:
     assert len(set(together)) < 20  # 40 scrapes, far fewer reads
 
 
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_prometheus_scrapes_the_pool_series(traced, tmp_path: Path) -> None:
     served, topo, _held = traced
@@ -444,6 +449,7 @@ def test_prometheus_scrapes_the_pool_series(traced, tmp_path: Path) -> None:
 
 
 @pytest.mark.userspace
+@pytest.mark.veth_page_pool  # `traced`: a veth pool holding pages
 @pytest.mark.live
 def test_200_concurrent_scrapes_while_tracing(traced) -> None:
     served, _topo, _held = traced
@@ -587,14 +593,21 @@ def test_tls_and_basic_auth(tls_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.live
-def test_zerocopy_reader_in_a_child_memcg_is_exported(traced, workload, netns  # noqa: F811
-                                                      ) -> None:
+def test_zerocopy_reader_in_a_child_memcg_is_exported(workload, netns) -> None:  # noqa: F811
     """A TCP_ZEROCOPY_RECEIVE reader (tests/test_zerocopy_live.py's workload) holding its
     mapped pages in a memcg the test creates: its cgroup's and its own series equal the
-    workload's count and the socket: Rss in its smaps; the scrape passes promtool."""
-    served, _topo, _held = traced
+    workload's count and the socket: Rss in its smaps; the scrape passes promtool. (Its own
+    serve, no veth pool: this runs on every kernel.)"""
+    served = Served("--interval", "1")
+    try:
+        check_zerocopy_reader_exported(served, workload_path=workload, netns_name=netns)
+    finally:
+        served.close()
+
+
+def check_zerocopy_reader_exported(served: Served, workload_path: str, netns_name: str) -> None:
     with child_memcg("serve") as (d, rel):
-        w = Workload(workload, netns, d, str(4_000_000), "hold")
+        w = Workload(workload_path, netns_name, d, str(4_000_000), "hold")
         try:
             held = w.totals["held_bytes"]
             assert held > 0 and held == smaps_socket_rss(w.pid)
