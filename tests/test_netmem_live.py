@@ -61,19 +61,22 @@ def test_devmem_syscalls_on_ordinary_sockets(netmem) -> None:
     recv, tcp = truth["recvmsg"], truth["dontneed"]
     assert server.comm == "python" or server.comm.startswith("python")
     assert server.recvmsg_calls == len(recv) == 2
-    assert server.recvmsg_errors == sum(c["ret"] < 0 for c in recv) == 1
+    # How many calls fail is the kernel's business (before 6.12 it knows no devmem and
+    # MSG_SOCK_DEVMEM is ignored): the tool must agree with the workload's own returns.
+    assert server.recvmsg_errors == sum(c["ret"] < 0 for c in recv)
     assert server.tokens_received == sum(c["tokens"] for c in recv) == 0
     assert server.dontneed_calls == len(tcp) == 3
-    assert server.dontneed_errors == sum(c["ret"] < 0 for c in tcp) == 1
+    assert server.dontneed_errors == sum(c["ret"] < 0 for c in tcp) >= 1
     assert server.tokens_returned == sum(max(c["ret"], 0) for c in tcp) == 0
     assert server.state == "destroyed"
     assert (server.tokens_freed_on_destroy, server.tokens_outstanding) == (0, 0)
     # Nothing else on this machine uses devmem: the global totals moved by exactly these.
     assert after.recvmsg_devmem_calls - before.recvmsg_devmem_calls == 2
-    assert after.recvmsg_devmem_errors - before.recvmsg_devmem_errors == 1
+    assert after.recvmsg_devmem_errors - before.recvmsg_devmem_errors == server.recvmsg_errors
     assert after.tokens_received == before.tokens_received
     assert after.dontneed_calls - before.dontneed_calls == 4   # + the UDP socket's
-    assert after.dontneed_errors - before.dontneed_errors == 2
+    assert after.dontneed_errors - before.dontneed_errors == sum(
+        c["ret"] < 0 for c in tcp + truth["udp_dontneed"])
     assert after.tokens_returned == before.tokens_returned
     assert after.recvmsg_cmsg_unread == before.recvmsg_cmsg_unread
     # Without function probes the netmem a token pins cannot be counted: said, not zero.
