@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,18 +173,25 @@ def ours(doc: dict, *topos: demo.VethTopology) -> list[dict]:
 
 @pytest.mark.veth_page_pool
 @pytest.mark.live
-def test_pool_map_overflow(monkeypatch) -> None:
+def test_pool_map_overflow(monkeypatch, trace_instance) -> None:
     """Room for one pool: of two veth pools receiving at once, one at most is tracked (the
     other may be any pool of the host); the other is counted in pool_map_full and left out
     of the snapshot, not shown with figures netmemtrace does not have."""
     with shrunk(monkeypatch, "pagepool.pools=1") as served, \
             demo.VethTopology() as a, demo.VethTopology() as b:
+        trace = trace_instance("page_pool/page_pool_state_hold",
+                               "page_pool/page_pool_state_release")
+
         def both() -> None:
             for topo in (a, b):
                 assert demo.tcp_stream(topo, 1 << 20) == 1 << 20
 
         doc = dump_during(both)
-        assert doc["stats"]["pagepool"]["pool_map_full"] > 0, doc["stats"]
+        # The kernel's own record: the pools that had page events in the window (hashed
+        # addresses, one per pool). Two or more, and only one has room.
+        pools = {m[1] for line in trace.lines() if (m := re.search(r"page_pool=(\S+)", line))}
+        assert len(pools) >= 2, f"the kernel traced page events of {len(pools)} pool(s)"
+        assert doc["stats"]["pagepool"]["pool_map_full"] > 0, (pools, doc["stats"])
         tracked = [p for p in doc["pools"] if p["pool_addr"] is not None]
         assert len(tracked) <= 1, tracked
         shown = ours(doc, a, b)
