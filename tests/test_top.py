@@ -600,3 +600,18 @@ def test_batch_stops_quietly_when_the_reader_goes_away() -> None:
         top.run_batch(lambda: reads.append(1) or snap, snap, 0.01, 5, out)
         print("more", file=out, flush=True)  # now /dev/null: no error either
     assert reads == []
+
+
+def test_probes_line_tells_hooks_the_kernel_lacks_from_failures() -> None:
+    """A hook whose function or tracepoint this kernel does not have (charge_skmem on 7.x)
+    is neither failed nor counted among those that should attach."""
+    status = [
+        ProbeStatus("memcg", "sk_charge", "fentry", True, ""),
+        ProbeStatus("memcg", "charge_skmem", None, False,
+                    "fentry: function charge_skmem not in this kernel (not in /proc/kallsyms); "
+                    "kprobe: function charge_skmem not in this kernel (not in /proc/kallsyms)"),
+        ProbeStatus("pagepool", "page_pool_destroy", None, False, "fentry: EPERM"),
+    ]
+    assert top.probes_line(status) == (
+        "probes 1/2 attached; failed: page_pool_destroy (why: netmemtrace probes); "
+        "not in this kernel: charge_skmem")

@@ -135,7 +135,8 @@ def test_batch_frames_show_the_veth_pool(tmp_path: Path) -> None:
 @pytest.mark.veth_page_pool
 def test_zombie_pool_is_highlighted(tmp_path: Path, trace_instance) -> None:
     trace = trace_instance("page_pool/page_pool_release")
-    run = BatchTop(tmp_path, "--count", "16", "--interval", "0.5")
+    # 16 frames span the topology, the held queue and the deletion (stretched under TCG).
+    run = BatchTop(tmp_path, "--count", "16", "--interval", f"{0.5 * SLOW:g}")
     try:
         run.first_frame_s()  # attached: the pool is born under our eyes
         with demo.VethTopology() as topo, demo.hold_unread(topo, MIB) as held:

@@ -74,9 +74,16 @@ class ProbeStatus:
     # says how to turn it on) or OFF_REPLACED (another hook family does its work).
     off: str | None = None
 
+    @property
+    def absent(self) -> bool:
+        """The kernel has no such function or tracepoint at all (it predates the feature or
+        renamed it): moot rather than failed; the reason says so for every mechanism."""
+        return not self.attached and not self.off and NOT_IN_KERNEL in self.reason
+
 
 OFF_CHOICE = "choice"
 OFF_REPLACED = "replaced"
+NOT_IN_KERNEL = "not in this kernel"
 
 
 def _section_target(section: str) -> tuple[str, str]:
@@ -132,7 +139,7 @@ def missing_iterator(section: str) -> str | None:
     kind, _, target = section.partition("/")
     if kind != "iter" or not VMLINUX_BTF.exists() or target in _btf_names()[1]:
         return None
-    return f"iterator {target} not in this kernel"
+    return f"iterator {target} {NOT_IN_KERNEL}"
 
 
 def _lockdown_mode() -> str | None:
@@ -183,14 +190,14 @@ class Kernel:
         if mech in ("tp_btf", "raw_tp"):
             name = target.rpartition("/")[2]
             if VMLINUX_BTF.exists() and name not in _btf_names()[0]:
-                return f"tracepoint {name} not in this kernel"
+                return f"tracepoint {name} {NOT_IN_KERNEL}"
             if mech == "tp_btf" and not VMLINUX_BTF.exists():
                 return "needs /sys/kernel/btf/vmlinux (--btf-path only serves CO-RE)"
         elif mech == "tracepoint":
             if not (TRACEFS / "events").is_dir():
                 return f"tracefs not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})"
             if not (TRACEFS / "events" / target / "id").exists():
-                return f"tracepoint {target} not in this kernel"
+                return f"tracepoint {target} {NOT_IN_KERNEL}"
         elif mech in ("fentry", "kprobe"):
             # The checks that need no /proc/kallsyms scan first (Session scans meanwhile).
             if mech == "fentry" and not VMLINUX_BTF.exists():
@@ -200,7 +207,7 @@ class Kernel:
             if mech == "kprobe" and not KPROBE_PMU.exists():
                 return "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"
             if not kallsyms.lookup([target]):
-                return f"function {target} not in this kernel (not in /proc/kallsyms)"
+                return f"function {target} {NOT_IN_KERNEL} (not in /proc/kallsyms)"
         return None
 
 

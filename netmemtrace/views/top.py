@@ -435,17 +435,22 @@ TURN_ON = "turn on with "  # how the reason of a hook off by choice says to swit
 
 
 def probes_line(status: Sequence[ProbeStatus]) -> str:
-    """Hooks that should run and how many do; those that failed apart from those off by
-    choice (with how to turn them on) and those another hook family replaces."""
+    """Hooks that should run and how many do; those that failed apart from those the kernel
+    does not have, those off by choice (with how to turn them on) and those another hook
+    family replaces."""
     def names(rows: Iterable[ProbeStatus]) -> str:
         return ", ".join(dict.fromkeys(r.hook for r in rows))  # a hook may be in 2 objects
 
     off = [p for p in status if not p.attached and p.off]
-    failed = [p for p in status if not p.attached and not p.off]
+    absent = [p for p in status if p.absent]
+    failed = [p for p in status if not p.attached and not p.off and not p.absent]
     replaced = [p for p in off if p.off == OFF_REPLACED]
-    line = f"probes {sum(p.attached for p in status)}/{len(status) - len(replaced)} attached"
+    line = (f"probes {sum(p.attached for p in status)}/"
+            f"{len(status) - len(replaced) - len(absent)} attached")
     if failed:
         line += f"; failed: {names(failed)} (why: netmemtrace probes)"
+    if absent:
+        line += f"; not in this kernel: {names(absent)}"
     how: dict[str, list[ProbeStatus]] = {}
     for p in off:
         if p.off == OFF_CHOICE:
