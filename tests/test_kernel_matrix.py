@@ -54,13 +54,23 @@ def test_probe_rows_are_sorted_into_the_tables_columns() -> None:
          "off": "replaced"},
         {"object": "zerocopy", "hook": "x", "mechanism": None, "attached": False,
          "reason": "kprobe: attach failed: EINVAL"},
+        {"object": "pagepool", "hook": "page_pool_destroy", "mechanism": None,
+         "attached": False,
+         "reason": "fentry: fentry denied: EPERM (kernel lockdown or LSM policy); kprobe: "
+                   "kprobes not supported by this kernel (no kprobe PMU: CONFIG_KPROBES off)"},
+        {"object": "memcg", "hook": "sk_charge", "mechanism": None, "attached": False,
+         "reason": "fentry: fentry denied: EPERM (lockdown=integrity); kprobe: rejected by "
+                   "the verifier: EINVAL"},
         {"object": "holders", "hook": "(object)", "mechanism": None, "attached": False,
          "reason": "object not loaded: cannot load holders"},
     ])
     assert row.by_mech == {"raw_tp": 1}
     assert row.absent == ["memcg/charge_skmem"]
     assert row.off == ["netmem/netif_receive_skb", "zerocopy/sys_enter_mmap"]
-    assert row.failed == ["zerocopy/x: kprobe: attach failed: EINVAL"]
+    # Refused for every program by the machine's configuration: not the tool's failure;
+    # one mechanism refused and another failing is.
+    assert row.refused == ["pagepool/page_pool_destroy"]
+    assert [f.partition(":")[0] for f in row.failed] == ["zerocopy/x", "memcg/sk_charge"]
     assert row.objects["holders"].startswith("object not loaded")
     assert row.objects["memcg"] == "" and set(row.objects) == set(matrix.OBJECTS)
     row.booted, row.tests["passed"] = True, 3

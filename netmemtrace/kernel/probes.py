@@ -80,10 +80,23 @@ class ProbeStatus:
         renamed it): moot rather than failed; the reason says so for every mechanism."""
         return not self.attached and not self.off and NOT_IN_KERNEL in self.reason
 
+    @property
+    def refused(self) -> bool:
+        """Every mechanism that could serve the hook is one this kernel's configuration
+        refuses for any program (fentry under lockdown, kprobes compiled out): it cannot
+        attach here whatever the tool does, until the configuration changes."""
+        return (not self.attached and not self.off and not self.absent and bool(self.reason)
+                and all(any(r in part for r in REFUSED_MECHANISM)
+                        for part in self.reason.split("; ")))
+
 
 OFF_CHOICE = "choice"
 OFF_REPLACED = "replaced"
 NOT_IN_KERNEL = "not in this kernel"
+# Failures that refuse a mechanism for every program of this kernel (Kernel.static_check,
+# and failure_reason): a configuration, not a fault of one program.
+REFUSED_MECHANISM = ("fentry denied", "fentry needs /sys/kernel/btf/vmlinux",
+                     "kprobes not supported by this kernel")
 
 
 def _section_target(section: str) -> tuple[str, str]:

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netmemtrace.kernel import probes
+
 from . import fetch, guest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +58,7 @@ class Row:
     absent: list[str] = field(default_factory=list)
     off: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     tests: Counter = field(default_factory=Counter)
     minutes: float = 0.0
     note: str = ""
@@ -91,10 +94,18 @@ def classify(row: Row, probes: list[dict]) -> None:
             row.by_mech[p["mechanism"]] += 1
         elif p.get("off"):  # off by choice, or replaced by another family of hooks
             row.off.append(name)
-        elif "not in this kernel" in p["reason"]:
+        elif (status := probe_status(p)).absent:
             row.absent.append(name)
+        elif status.refused:  # e.g. fentry under lockdown: the machine's choice, not a fault
+            row.refused.append(name)
         else:
             row.failed.append(f"{name}: {p['reason']}")
+
+
+def probe_status(p: dict) -> probes.ProbeStatus:
+    """A `probes` row of dump's JSON as the tool's own ProbeStatus, to classify it alike."""
+    return probes.ProbeStatus(**{f.name: p.get(f.name) for f in
+                                 dataclasses.fields(probes.ProbeStatus)})
 
 
 def junit_counts(path: Path) -> Counter:
@@ -183,8 +194,8 @@ def saved_rows() -> list[Row]:
 def table(rows: list[Row]) -> str:
     lines = [
         "| kernel | release | objects loaded | hooks attached, by mechanism | not in this kernel"
-        " | off by choice | failed hooks | live tests | commit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | off by choice | refused by its configuration | failed hooks | live tests | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         loaded = [o for o in OBJECTS if o in r.objects and not r.objects[o]]
@@ -197,7 +208,7 @@ def table(rows: list[Row]) -> str:
         kernel = r.kernel + ("" if r.kernel == "host" else f" ({r.accel})")
         lines.append(
             f"| {kernel} | {r.release} | {objects} | {mechs} | {len(r.absent)} | "
-            f"{len(r.off)} | {len(r.failed) or '-'} | {tests}"
+            f"{len(r.off)} | {len(r.refused) or '-'} | {len(r.failed) or '-'} | {tests}"
             f"{'; ' + r.note if r.note else ''} | {r.commit} |")
     return "\n".join(lines)
 
