@@ -186,12 +186,20 @@ def run(tree: KernelTree, command: str, cwd: Path, timeout_s: float, share: Path
         accel: str | None = None) -> Result:
     """Boot `tree` and run `command` (sh) in `cwd`; `share` (emptied first) is the guest's
     /mnt/nmt-out, where the command may leave files. A guest that died before the command
-    finished (no exit code) is booted once more, and its console kept."""
+    finished (no exit code) is booted once more; what the dead one left is kept in
+    `share`.died."""
     accel = accel or ("kvm" if kvm_usable() is None else "tcg")
     initrd = initramfs(tree)
     result = None
-    for _ in range(2):
-        shutil.rmtree(share, ignore_errors=True)
+    for attempt in range(2):
+        # The attempt that died is kept beside the retry (its pytest output says how far
+        # it got): <share>.died
+        died = share.with_name(share.name + ".died")
+        shutil.rmtree(died, ignore_errors=True)
+        if attempt:
+            share.rename(died)
+        else:
+            shutil.rmtree(share, ignore_errors=True)
         share.mkdir(parents=True)
         (share / "boot.env").write_text(
             f"NMT_RELEASE={shlex.quote(tree.release)}\n"
