@@ -163,8 +163,16 @@ def _accel(kernel: str) -> str:
     return "host" if kernel == "host" else "kvm" if guest.kvm_usable() is None else "tcg"
 
 
-def finish_row(row: Row, out: Path, rc: int | None) -> Row:
-    """The row's figures from what the run left in `out`, saved beside them."""
+def _saved_commit(out: Path) -> str | None:
+    try:
+        return json.loads((out / "row.json").read_text()).get("commit") or None
+    except (OSError, ValueError):
+        return None
+
+
+def finish_row(row: Row, out: Path, rc: int | None, commit: str | None = None) -> Row:
+    """The row's figures from what the run left in `out`, saved beside them; `commit`: the
+    checkout the run used (default: this one, for a run that just ended)."""
     try:
         classify(row, json.loads((out / "dump.json").read_text())["probes"])
     except (OSError, ValueError, KeyError) as exc:
@@ -174,8 +182,9 @@ def finish_row(row: Row, out: Path, rc: int | None) -> Row:
     if row.booted and rc and not row.tests["failed"] and not row.tests["error"]:
         row.note = row.note or f"pytest exit {rc}"
         row.tests["error"] += 1
-    row.commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True).stdout.strip()
+    row.commit = commit or subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True, text=True).stdout.strip()
     (out / "row.json").write_text(row.to_json())
     return row
 
@@ -255,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if k != "host" and k not in fetch.SUITES:
             p.error(f"unknown kernel {k!r}: choose from {' '.join(fetch.SUITES)} host")
     if args.collect:
+        # Rebuilt rows keep the commit their run used, not this checkout's.
         rows = [finish_row(Row(k, release=_release(k), accel=_accel(k),
-                               booted=(RESULTS / k / "junit.xml").exists()), RESULTS / k, None)
+                               booted=(RESULTS / k / "junit.xml").exists()), RESULTS / k, None,
+                           _saved_commit(RESULTS / k))
                 for k in kernels]
         print(table(rows))
         if args.update_readme:
