@@ -80,7 +80,6 @@ HEAD_PAGES_REASON = ("skb head pages cannot be mapped to their struct page here 
                      "(page_offset_base/vmemmap_base not in /proc/kallsyms: x86-64 with "
                      "CONFIG_KALLSYMS_ALL only), so pages in the stack look driver-held")
 HEAD_PAGE_SYMBOLS = ("page_offset_base", "vmemmap_base")
-_ABSENT = ("not found in /proc/kallsyms", "not in this kernel")
 
 
 def sample_threshold(n: int) -> int:
@@ -141,7 +140,7 @@ def _unattached(name: str, status: Mapping[str, probes.ProbeStatus]) -> tuple[st
         return None
     # A mechanism found the kernel lacks the function or tracepoint: that feature (say
     # io_uring zcrx) does not exist here, so no netmem can take that path.
-    if any(a in s.reason for a in _ABSENT):
+    if s.absent:
         return None
     return name, s.reason
 
