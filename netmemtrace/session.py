@@ -132,6 +132,7 @@ class Draft:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     prog_run_time_ns: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
     prog_run_cnt: dict[str, int] | Unavailable = Unavailable("kernel.bpf_stats_enabled is 0")
+    prog_recursion_misses: dict[str, int] = field(default_factory=dict)
     errors: list[CollectorError] = field(default_factory=list)
 
 
@@ -340,8 +341,9 @@ class Session:
                 self._memcg.zerocopy.bad_events
 
     def _read_programs(self, d: Draft) -> None:
+        progs = [lk.program.stats() for lo in self.loaded for lk in lo.obj.links]
+        d.prog_recursion_misses = {p.name: p.recursion_misses for p in progs}
         if _bpf_stats_enabled():
-            progs = [lk.program.stats() for lo in self.loaded for lk in lo.obj.links]
             d.prog_run_time_ns = {p.name: p.run_time_ns for p in progs}
             d.prog_run_cnt = {p.name: p.run_cnt for p in progs}
 
@@ -366,7 +368,8 @@ class Session:
                                                        p.pool_id or 0))),
             self_stats=SelfStats(snapshot_build_ns=time.monotonic_ns() - start,
                                  prog_run_time_ns=d.prog_run_time_ns,
-                                 prog_run_cnt=d.prog_run_cnt),
+                                 prog_run_cnt=d.prog_run_cnt,
+                                 prog_recursion_misses=d.prog_recursion_misses),
             errors=tuple(d.errors),
             memcgs=d.memcgs,
             memcg_self_stats=d.memcg_self,

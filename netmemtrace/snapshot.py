@@ -150,6 +150,8 @@ class SelfStats:
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
     prog_run_cnt: dict[str, int] | Unavailable = field(
         default_factory=lambda: Unavailable("kernel.bpf_stats_enabled is 0"))
+    # Events each program missed: the kernel skips a program already running on that CPU.
+    prog_recursion_misses: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

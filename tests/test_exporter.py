@@ -186,6 +186,13 @@ def test_label_values_round_trip(openmetrics: bool) -> None:
     assert series[0].value == 104
 
 
+def test_recursion_misses_without_bpf_stats() -> None:
+    """The kernel counts a program's recursion misses whether or not bpf_stats_enabled."""
+    stats = SelfStats(snapshot_build_ns=1, prog_recursion_misses={"rel__raw_tp": 7})
+    found = samples(snapshot(self_stats=stats))
+    assert one(found, "netmemtrace_bpf_prog_recursion_misses_total", program="rel__raw_tp") == 7
+
+
 def test_pools_sharing_an_identity_are_one_series() -> None:
     # Before Linux 6.8 pools have no id: a driver's zombie pool and its replacement on the
     # same queue have the same labels. Duplicate series would make the scrape invalid.

@@ -55,10 +55,18 @@ def test_veth_pool_matches_kernel_counters(trace_instance) -> None:
                 flush_deferred_skbs()
                 time.sleep(0.5)
             inflight, hold, release = kernel_final_release(trace)
-            done = our_pool(session.read(), topo.rx_dev)
+            final = session.read()
+            done = our_pool(final, topo.rx_dev)
     assert done.state == "released"
-    assert done.hold_pages_total + done.hold_net_iovs_total == hold
-    assert done.release_pages_total + done.release_net_iovs_total == release
+    # An event inside a program already running on its CPU (an interrupt's page release)
+    # is not run by the kernel: counted as a recursion miss, in no figure.
+    missed = sum(n for prog, n in final.self_stats.prog_recursion_misses.items()
+                 if prog.startswith("page_pool_state"))
+    held, released = (done.hold_pages_total + done.hold_net_iovs_total,
+                      done.release_pages_total + done.release_net_iovs_total)
+    assert (held, released) == (hold, release) or \
+        (missed and hold - missed <= held <= hold and release - missed <= released <= release), \
+        (held, released, hold, release, missed)
     assert (done.kernel_hold_at_release, done.kernel_release_at_release) == (hold, release)
     assert done.inflight_pages == 0 == inflight
     assert hold > 0

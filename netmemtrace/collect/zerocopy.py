@@ -293,7 +293,8 @@ def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in COUNTER_FIELDS}
 
 
-COUNT_LOST_EVERY_NS = 50_000_000  # the draining thread reads ringbuf_full at most this often
+# The draining thread reads ringbuf_full at most this often during a burst of events.
+COUNT_LOST_EVERY_NS = 50_000_000
 
 
 class LedgerLoss:
@@ -416,13 +417,20 @@ class ZerocopyReader:
             self._seeded.set()
         # Wait for samples outside the lock, consume under it: read() never waits on a
         # poll timeout (libbpf's ring_buffer is not safe to poll from two threads at once).
+        # ringbuf_full is read during a burst at most every COUNT_LOST_EVERY_NS, and once
+        # more when it goes quiet: a drop late in a burst is then dated by the burst's end,
+        # not by the next burst (a process started in between would be marked for it).
+        burst = False
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._rb], [], [], 0.05)
-            if ready:
-                with self._lock:
+            ready, _, _ = select.select([self._rb], [], [], COUNT_LOST_EVERY_NS / 1e9)
+            if not ready and not burst:
+                continue
+            with self._lock:
+                if ready:
                     self._rb.poll(0)
-                    if time.monotonic_ns() - self._counted_ns > COUNT_LOST_EVERY_NS:
-                        self._count_lost()
+                burst = bool(ready)
+                if not ready or time.monotonic_ns() - self._counted_ns > COUNT_LOST_EVERY_NS:
+                    self._count_lost()
 
     def _count_lost(self) -> None:
         """ringbuf_full, read after the ring was drained: a drop counted may concern any

@@ -266,11 +266,14 @@ def _check_rc(rc: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class ProgStats:
-    """Kernel run-time statistics of one program (non-zero only with kernel.bpf_stats_enabled)."""
+    """Kernel run-time statistics of one program: run time and count only with
+    kernel.bpf_stats_enabled; recursion_misses always (events the kernel did not run the
+    program for, as it was already running on that CPU: an interrupt inside it)."""
 
     name: str
     run_time_ns: int
     run_cnt: int
+    recursion_misses: int
 
 
 class Map:
@@ -440,7 +443,7 @@ class Program:
         size = ctypes.c_uint32(ctypes.sizeof(info))
         if _lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)) < 0:
             raise LibbpfError(f"prog info of {self.name}", ctypes.get_errno())
-        return ProgStats(self.name, info.run_time_ns, info.run_cnt)
+        return ProgStats(self.name, info.run_time_ns, info.run_cnt, info.recursion_misses)
 
     def test_run(self, ctx: bytes, cpu: int | None = None) -> int:
         """BPF_PROG_TEST_RUN with ctx as the program's context (raw_tp: the u64 args),

@@ -808,6 +808,10 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("netmemtrace_bpf_prog_runs", "counter",
          "Runs of each attached BPF program (kernel.bpf_stats_enabled=1).", "host",
          ("program",), _prog_stats(lambda s: s.self_stats.prog_run_cnt, 1)),
+    Spec("netmemtrace_bpf_prog_recursion_misses", "counter",
+         "Events the kernel did not run a BPF program for, as it was already running on that "
+         "CPU (an interrupt's event inside it): lost before any map, in no figure.", "host",
+         ("program",), _prog_stats(lambda s: s.self_stats.prog_recursion_misses, 1)),
     # Last: its rows are the figures the families above left out.
     UNAVAILABLE,
 )
