@@ -302,9 +302,12 @@ def traced() -> Iterator[tuple[Served, demo.VethTopology, demo.HeldConnection]]:
             assert held.held_bytes > 0
             # The cached snapshot may predate the pool: wait for a refresh that shows it.
             deadline = time.monotonic() + 10 * SLOW
-            while not pool_series(http_get(f"{served.url}/metrics")[2], topo,
+            while not pool_series(body := http_get(f"{served.url}/metrics")[2], topo,
                                   "netmemtrace_page_pool_inflight_pages"):
-                assert time.monotonic() < deadline, "pool never appeared in /metrics"
+                # What serve says of that device instead (an unavailable reason, or nothing).
+                about = [line for line in body.decode().splitlines()
+                         if f'"{topo.rx_dev}"' in line or "recursion_misses" in line]
+                assert time.monotonic() < deadline, f"pool never appeared in /metrics: {about}"
                 time.sleep(0.2)
             yield served, topo, held
     finally:
