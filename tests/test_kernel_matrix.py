@@ -96,3 +96,18 @@ def test_the_readme_table_is_every_kernels_last_run(tmp_path: Path, monkeypatch)
     rows = matrix.saved_rows()
     assert [r.kernel for r in rows] == ["6.1", "7.3"] and rows[0].tests == {"passed": 5}
     assert "| abc1234 |" in matrix.table(rows)
+
+
+def test_a_guest_that_dies_is_retried_and_says_how_qemu_ended(tmp_path, monkeypatch) -> None:
+    """A "QEMU" killed by a signal with nothing on the console: booted once more, and the
+    console shown names the signal and QEMU's stderr; the first attempt's files are kept."""
+    monkeypatch.setattr(guest, "initramfs", lambda tree: tmp_path / "initrd")
+    monkeypatch.setattr(guest, "qemu_argv", lambda tree, initrd, share, accel: [
+        "sh", "-c", f"echo started > {share}/output; echo 'qemu: boom' >&2; kill -9 $$"])
+    tree = fetch.KernelTree("7.3", "7.3.0-x", tmp_path, tmp_path / "vmlinuz", tmp_path)
+    share = tmp_path / "7.3"
+    result = guest.run(tree, "true", tmp_path, 30, share, accel="tcg")
+    assert not result.booted
+    assert "qemu exited -9 after" in result.console and "qemu: boom" in result.console
+    assert (share / "output").read_text() == "started\n"
+    assert (tmp_path / "7.3.died" / "qemu.log").read_text().startswith("qemu exited -9")

@@ -10,7 +10,6 @@ the guest a real NIC driver whose traffic never leaves it.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import lzma
 import os
@@ -208,12 +207,19 @@ def run(tree: KernelTree, command: str, cwd: Path, timeout_s: float, share: Path
         (share / "guest.sh").write_text(GUEST_SH)
         (share / "cmd.sh").write_text(command + "\n")
         start = time.monotonic()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(qemu_argv(tree, initrd, share, accel), timeout=timeout_s,
-                           stdin=subprocess.DEVNULL, capture_output=True)
+        try:
+            qemu = subprocess.run(qemu_argv(tree, initrd, share, accel), timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace")
+            # A guest that dies with an empty console was QEMU's end, not the kernel's:
+            # its exit status (negative: the signal that killed it) and stderr say why.
+            ended = f"qemu exited {qemu.returncode} after {time.monotonic() - start:.0f} s"
+            (share / "qemu.log").write_text(f"{ended}\n{qemu.stderr}")
+        except subprocess.TimeoutExpired:
+            (share / "qemu.log").write_text(f"qemu killed at the {timeout_s:.0f} s timeout\n")
         rc_text = (share / "rc").read_text().strip() if (share / "rc").exists() else ""
         result = Result(int(rc_text) if rc_text else None, _text(share / "output"),
-                        _text(share / "console"), accel)
+                        _text(share / "console") + _text(share / "qemu.log"), accel)
         if result.booted or time.monotonic() - start >= timeout_s:
             return result  # finished, or out of time (a retry would be too)
     assert result is not None
