@@ -213,8 +213,8 @@ class ProcessSnapshot:
     comm: str | None                          # None once the process is gone
     memcg_id: int
     zerocopy: ZerocopyStats
-    # The ledger's figures (and zerocopy.tx_inflight_bytes): Unavailable once the zc_events
-    # ring buffer dropped an event that may concern this process (LEDGER_LOSS)
+    # The ledger's figures (and zerocopy.tx_inflight_bytes): Unavailable once a ledger event
+    # that may concern this process was lost (LEDGER_LOSS)
     zerocopy_unaccounted_bytes: int | Unavailable  # TCP-rx-zerocopy bytes mapped now
     zerocopy_unaccounted_hwm_bytes: int | Unavailable  # highest since netmemtrace started
     zerocopy_oldest_mapped_age_ns: int | None | Unavailable  # the oldest page still mapped

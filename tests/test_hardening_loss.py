@@ -517,3 +517,14 @@ def test_ledger_figures_are_unavailable_after_a_ring_buffer_drop() -> None:
         [2 * PAGE, 2 * PAGE]
     (line,) = [x for x in text.verify_table(snap).splitlines() if x.startswith(str(p10))]
     assert "unavailable" in line.split()[2], line
+
+
+def test_recursion_misses_are_lost_ledger_events() -> None:
+    """The kernel's recursion misses of the zerocopy programs (events it ran no program
+    for) count with ringbuf_full: either loses a ledger event."""
+    reader = object.__new__(zerocopy.ZerocopyReader)
+    reader._stats = SimpleNamespace(read=lambda: {"ringbuf_full": 2})
+    reader._obj = SimpleNamespace(recursion_misses=lambda: 3)
+    reader.loss = zerocopy.LedgerLoss()
+    reader._count_lost()
+    assert reader.loss.lost == 5

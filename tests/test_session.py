@@ -68,7 +68,12 @@ def test_a_real_read_times_every_collector_and_reads_every_stats_struct() -> Non
                 assert n <= snap.stats[name][counter] <= after[name][counter], counter
         assert set(snap.stats) == {s.name for s in OBJECT_SPECS if s.stats} | {"holders"}
         assert list(snap.stats["holders"]) == abi.fields(
-            abi.btf("holders").struct("holders_scan_stats"))
+            abi.btf("holders").struct("holders_scan_stats")) + ["prog_recursion_lost"]
+        # Each object's events the kernel ran none of its programs for: its programs' misses.
+        for name, lo in loaded.items():
+            progs = [lk.program.name for lk in lo.obj.links]
+            assert snap.stats[name]["prog_recursion_lost"] == sum(
+                snap.self_stats.prog_recursion_misses[p] for p in progs), name
         assert "malformed_events_lost" in snap.stats["zerocopy"]
         collectors = [c.name for c in session.collectors]
     assert [(r.collector, r.success) for r in snap.collectors] == \

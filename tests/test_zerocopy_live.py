@@ -476,14 +476,22 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
                 for step in (None, "mremap", "dontneed_half", "munmap"):
                     if step:
                         held = w.command(step)["held_bytes"]
+                    missed_before = lo.obj.recursion_misses()
                     procs, _, _ = reader.read()
+                    missed = lo.obj.recursion_misses()
                     mine = [p for p in procs if p.pid == w.pid]
                     assert len(mine) == 1, step
-                    assert mine[0].unaccounted_bytes == held == smaps_socket_rss(w.pid), step
+                    assert held == smaps_socket_rss(w.pid), step
+                    # A preemptible hook's program skipped by the kernel (already running on
+                    # that CPU: a recursion miss) loses an event: then the figure must say
+                    # so, never be a wrong number (7.3 under TCG did miss sys_exit once).
+                    allowed = [held] if not missed else [zerocopy.LEDGER_LOSS] \
+                        if missed_before else [held, zerocopy.LEDGER_LOSS]
+                    assert mine[0].unaccounted_bytes in allowed, (step, missed)
                     assert rx_socks_live(lo.obj) >= 1  # its copies are counted: open
                 assert held == 0
                 for name in COUNTERS:
-                    assert mine[0].counters[name] == w.totals[name], name
+                    assert missed or mine[0].counters[name] == w.totals[name], name
             finally:
                 w.stop()
             r = Workload(workload, netns, d, str(STREAM), "reuse")

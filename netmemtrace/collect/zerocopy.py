@@ -238,12 +238,16 @@ def memcg_id_of(pid: int) -> int | None:
     return None
 
 
-# Why ledger figures are unknown once the zc_events ring buffer dropped an event: a lost map
-# undercounts, a lost unmap, exit or tx completion overcounts, for ever.
+# Why ledger figures are unknown once a ledger event was lost: a lost map undercounts, a
+# lost unmap, exit or tx completion overcounts, for ever. Lost where the zc_events ring
+# buffer was full, or where the kernel did not run a zerocopy program at all: it skips a
+# program already running on that CPU, which preemptible hooks (fentry, and syscall
+# tracepoints where they may fault) meet whenever a task is preempted inside one.
 LEDGER_LOSS = Unavailable(
-    "incomplete: the zc_events ring buffer was full and dropped ledger events "
-    "(zerocopy ringbuf_full) that may concern it; exact again only for processes started "
-    "after the last drop")
+    "incomplete: ledger events that may concern it were lost (the zc_events ring buffer "
+    "was full: zerocopy ringbuf_full, or the kernel skipped a zerocopy program already "
+    "running on that CPU: zerocopy prog_recursion_lost); exact again only for processes "
+    "started after the last loss")
 
 
 @dataclass(frozen=True)
@@ -293,14 +297,14 @@ def add_counters(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in COUNTER_FIELDS}
 
 
-# The draining thread reads ringbuf_full at most this often during a burst of events.
+# The draining thread reads the lost count at most this often during a burst of events.
 COUNT_LOST_EVERY_NS = 50_000_000
 
 
 class LedgerLoss:
-    """Which ledger figures the zc_events ring buffer's drops (ringbuf_full) may have made
-    wrong. The count is read once per snapshot; every drop so far happened before the read
-    that last saw it grow, and none before the last read that saw it at 0."""
+    """Which ledger figures lost ledger events (LEDGER_LOSS) may have made wrong. The count
+    is read once per snapshot; every loss so far happened before the read that last saw it
+    grow, and none before the last read that saw it at 0."""
 
     def __init__(self) -> None:
         self.lost = 0
@@ -308,7 +312,7 @@ class LedgerLoss:
         self._dirty_ns = (0, 0)  # (CLOCK_MONOTONIC, CLOCK_BOOTTIME) after the last growth
 
     def count(self, lost: int, before_ns: int, after_ns: int, after_boot_ns: int) -> None:
-        """ringbuf_full as read between before_ns and after_ns (CLOCK_MONOTONIC; after:
+        """The lost count as read between before_ns and after_ns (CLOCK_MONOTONIC; after:
         CLOCK_BOOTTIME too)."""
         if not lost:
             self._clean_ns = before_ns
@@ -350,6 +354,7 @@ class ZerocopyReader:
         self._event_t = btf.struct("zc_event")
         # enum zc_event_type, names without ZC_EV_: ev.RX_MAP is ZC_EV_RX_MAP
         self._ev = types.SimpleNamespace(**btf.enum("zc_event_type", "ZC_EV_"))
+        self._obj = obj
         self._counters = obj.map("zc_counters")
         self._tasks = obj.map("zc_tasks")
         self._seen = obj.map(".data.seen")
@@ -417,9 +422,9 @@ class ZerocopyReader:
             self._seeded.set()
         # Wait for samples outside the lock, consume under it: read() never waits on a
         # poll timeout (libbpf's ring_buffer is not safe to poll from two threads at once).
-        # ringbuf_full is read during a burst at most every COUNT_LOST_EVERY_NS, and once
-        # more when it goes quiet: a drop late in a burst is then dated by the burst's end,
-        # not by the next burst (a process started in between would be marked for it).
+        # Losses are read during a burst at most every COUNT_LOST_EVERY_NS, and once more
+        # when it goes quiet: a loss late in a burst is then dated by the burst's end, not
+        # by the next burst (a process started in between would be marked for it).
         burst = False
         while not self._stop.is_set():
             ready, _, _ = select.select([self._rb], [], [], COUNT_LOST_EVERY_NS / 1e9)
@@ -433,12 +438,13 @@ class ZerocopyReader:
                     self._count_lost()
 
     def _count_lost(self) -> None:
-        """ringbuf_full, read after the ring was drained: a drop counted may concern any
-        figure of the ledger as it is now. Also read by the draining thread as it catches
-        up, so that the last drop's time is known closely (a process started after it is
-        exact) and not only at the next snapshot."""
+        """Ledger events lost (ringbuf_full, and the programs' recursion misses), read after
+        the ring was drained: a loss counted may concern any figure of the ledger as it is
+        now. Also read by the draining thread as it catches up, so that the last loss's time
+        is known closely (a process started after it is exact) and not only at the next
+        snapshot."""
         before = time.monotonic_ns()
-        lost = self._stats.read()["ringbuf_full"]
+        lost = self._stats.read()["ringbuf_full"] + self._obj.recursion_misses()
         self._counted_ns = time.monotonic_ns()
         self.loss.count(lost, before, self._counted_ns,
                         time.clock_gettime_ns(time.CLOCK_BOOTTIME))

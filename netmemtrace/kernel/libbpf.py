@@ -509,6 +509,10 @@ class Object:
             prog = _lib.bpf_object__next_program(self._obj, prog)
         self.links: list[Link] = []
 
+    def recursion_misses(self) -> int:
+        """Events the kernel skipped for the attached programs of this object (ProgStats)."""
+        return sum(link.program.stats().recursion_misses for link in self.links)
+
     def map(self, name: str) -> Map:
         ptr = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
         if not ptr:

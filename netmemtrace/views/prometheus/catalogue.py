@@ -450,8 +450,8 @@ _CAPPED = ("Only the top N cgroups by memory (socket memory + unaccounted zeroco
            "--max-cgroups) have their own series; the others are summed into cgroup=\"other\" "
            "(sum of the figures known for them), whose counters drop when a cgroup moves "
            "into the top N.")
-_LEDGER = ("Absent once the zc_events ring buffer dropped a ledger event that may concern a "
-           "process of the cgroup (ringbuf_full), see netmemtrace_figure_unavailable_info.")
+_LEDGER = ("Absent once a ledger event that may concern a process of the cgroup was lost "
+           "(ringbuf_full, prog_recursion_lost), see netmemtrace_figure_unavailable_info.")
 _ESTIMATED = ("Estimated: 1 in netmemtrace_netmem_sample_factor netmem is tracked and "
               "counts are scaled by that factor.")
 RECYCLED_PER_S = ("recycle_cached", "recycle_ring")
@@ -771,9 +771,10 @@ CATALOGUE: tuple[Spec, ...] = (
          "Events netmemtrace dropped since attach, by BPF object and counter (a *_map_full "
          "counter: a BPF map was full, the object was not tracked; ringbuf_full / refs_lost: "
          "a ring buffer had no room; *_truncated: an event cut short; malformed_events_lost: "
-         "events the reader could not decode). The figures they feed undercount; every "
-         "counter of an object's *_stats struct ending in _full, _lost or _truncated has a "
-         "series.", "host", ("object", "counter"), _events_lost),
+         "events the reader could not decode; prog_recursion_lost: events the kernel ran no "
+         "program for, one being already running on that CPU). The figures they feed "
+         "undercount; every counter of an object's *_stats struct ending in _full, _lost or "
+         "_truncated has a series.", "host", ("object", "counter"), _events_lost),
     _memcg_self("netmemtrace_zerocopy_ledger_ranges", "gauge",
                 "Mapped page ranges in the zerocopy ledger now.", lambda s: s.ledger_ranges),
     _memcg_self("netmemtrace_zerocopy_ledger_overflow_ranges", "counter",
