@@ -476,29 +476,26 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
                 for step in (None, "mremap", "dontneed_half", "munmap"):
                     if step:
                         held = w.command(step)["held_bytes"]
-                    missed_before = lo.obj.recursion_misses()
                     procs, _, _ = reader.read()
-                    missed = lo.obj.recursion_misses()
                     mine = [p for p in procs if p.pid == w.pid]
                     assert len(mine) == 1, step
                     assert held == smaps_socket_rss(w.pid), step
-                    # A preemptible hook's program skipped by the kernel (already running on
-                    # that CPU: a recursion miss) loses an event: then the figure must say
-                    # so, never be a wrong number (7.3 under TCG did miss sys_exit once).
-                    allowed = [held] if not missed else [zerocopy.LEDGER_LOSS] \
-                        if missed_before else [held, zerocopy.LEDGER_LOSS]
-                    assert mine[0].unaccounted_bytes in allowed, (step, missed)
+                    assert mine[0].unaccounted_bytes in ledger_truth(lo.obj, held), step
                     assert rx_socks_live(lo.obj) >= 1  # its copies are counted: open
                 assert held == 0
                 for name in COUNTERS:
-                    assert missed or mine[0].counters[name] == w.totals[name], name
+                    assert lo.obj.recursion_misses() or \
+                        mine[0].counters[name] == w.totals[name], name
             finally:
                 w.stop()
+            missed = lo.obj.recursion_misses()
             r = Workload(workload, netns, d, str(STREAM), "reuse")
             try:  # the kernel zaps before it maps: smaps is the truth
                 procs, _, _ = reader.read()
                 (mine,) = [p for p in procs if p.pid == r.pid]
-                assert 0 < mine.unaccounted_bytes == smaps_socket_rss(r.pid)
+                truth = smaps_socket_rss(r.pid)
+                assert truth > 0
+                assert mine.unaccounted_bytes in ledger_truth(lo.obj, truth, missed)
             finally:
                 r.stop()
             spin = Workload(workload, netns, d, "0", "spin")
@@ -507,14 +504,25 @@ def test_every_hook_family_matches_the_workload(workload, netns, family) -> None
         deadline = time.monotonic() + 5 * SLOW
         while pending_threads(lo.obj) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert pending_threads(lo.obj) == 0
+        # A skipped program can leave a thread or socket counted: only then (and counted).
+        assert pending_threads(lo.obj) == 0 or lo.obj.recursion_misses()
         while rx_socks_live(lo.obj) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert rx_socks_live(lo.obj) == 0
+        assert rx_socks_live(lo.obj) == 0 or lo.obj.recursion_misses()
         assert abi.Stats("zerocopy", lo.obj.map("zc_stats")).read()["pending_full"] == 0
     finally:
         reader.close()
         lo.close()
+
+
+def ledger_truth(obj, truth: int, missed_at_start: int = 0) -> list:
+    """What a ledger figure may be: the truth; or, once the kernel skipped one of the
+    object's programs since the process started (a recursion miss: a preemptible hook's
+    program already running on that CPU, as the raw syscall hooks of 7.x under TCG do),
+    LEDGER_LOSS, which says so. Never another number."""
+    if obj.recursion_misses() == missed_at_start:
+        return [truth]
+    return [truth, zerocopy.LEDGER_LOSS]
 
 
 def test_raw_syscalls_serve_where_a_per_syscall_event_cannot_attach(monkeypatch) -> None:
