@@ -304,24 +304,39 @@ def test_zerocopy_ring_buffer_overflow(monkeypatch, workload, netns) -> None:  #
         held = after.totals["held_bytes"]
         (m,) = [m for m in doc["memcgs"] if m["path"] == rel_after]
         (p,) = [p for p in m["processes"] if p["pid"] == after.pid]
-        assert 0 < held == p["zerocopy_unaccounted_bytes"] == m["zerocopy_unaccounted_bytes"]
-        assert m["zerocopy_unaccounted_hwm_bytes"] == held and p["ledger_vs_smaps_bytes"] == 0
-        assert seen == {"unknown": zerocopy.LEDGER_LOSS.reason, "after": held}
+        # The process started after the drops is exact, unless the kernel also skipped a
+        # zerocopy program (a recursion miss: loaded TCG guests) of that tool process, a loss
+        # it cannot date: then unavailable with the same reason, never a wrong number.
+        missed = {"dump": doc["stats"]["zerocopy"]["prog_recursion_lost"],
+                  "serve": metric(served, "netmemtrace_events_lost_total", object="zerocopy",
+                                  counter="prog_recursion_lost")}
+        exact = [held] + [unknown] * bool(missed["dump"])
+        assert held > 0 and p["zerocopy_unaccounted_bytes"] in exact, (p, missed)
+        assert m["zerocopy_unaccounted_bytes"] == p["zerocopy_unaccounted_bytes"]
+        if p["zerocopy_unaccounted_bytes"] == held:
+            assert m["zerocopy_unaccounted_hwm_bytes"] == held
+            assert p["ledger_vs_smaps_bytes"] == 0
+        assert seen["unknown"] == zerocopy.LEDGER_LOSS.reason
+        assert seen["after"] == held or missed["serve"] and seen["after"] is None, \
+            (seen, missed)
 
 
 def served_after_loss(served: Served, rel: str, rel_after: str) -> dict:
     """/metrics once serve's snapshot has both memcgs: why the first one's unaccounted
     bytes are missing (and that they are), and the second one's."""
     deadline = time.monotonic() + 20 * SLOW
-    while not series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel_after):
+    figure = "netmemtrace_zerocopy_unaccounted_bytes"
+    while not (after := series(served, figure, cgroup=rel_after)):
+        if series(served, "netmemtrace_figure_unavailable_info", cgroup=rel_after,
+                  figure=figure, reason=zerocopy.LEDGER_LOSS.reason):
+            break  # a loss serve could not date (the caller checks it was one)
         assert time.monotonic() < deadline, f"{rel_after} not in /metrics"
         time.sleep(0.5)
-    assert series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel) == []
+    assert series(served, figure, cgroup=rel) == []
     why = [lab["reason"] for lab, _ in series(
-        served, "netmemtrace_figure_unavailable_info", cgroup=rel,
-        figure="netmemtrace_zerocopy_unaccounted_bytes")]
-    ((_, after),) = series(served, "netmemtrace_zerocopy_unaccounted_bytes", cgroup=rel_after)
-    return {"unknown": why[0] if len(why) == 1 else why, "after": after}
+        served, "netmemtrace_figure_unavailable_info", cgroup=rel, figure=figure)]
+    return {"unknown": why[0] if len(why) == 1 else why,
+            "after": after[0][1] if len(after) == 1 else None}
 
 
 @pytest.mark.live
