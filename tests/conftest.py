@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST = os.environ.get("NETMEMTRACE_GUEST") == "1"
 SLOW = 12.0 if GUEST else 1.0
 TIMINGS = not GUEST
+
+# Tests end dump windows and demos with SIGINT, as a user's Ctrl-C would. A shell starting a
+# run in the background (`nohup ... &`, a CI runner) leaves SIGINT ignored, and an ignored
+# signal stays ignored across exec: every tool process would then outlive its window. A
+# handled signal is reset to the default on exec, so handling it here gives each child the
+# disposition of a foreground run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
