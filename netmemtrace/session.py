@@ -336,19 +336,23 @@ class Session:
 
     def _read_stats(self, d: Draft) -> None:
         d.stats.update((name, stats.read()) for name, stats in self._stats.items())
-        for lo in self.loaded:
-            progs = [lk.program.stats() for lk in lo.obj.links]
-            d.prog_recursion_misses.update((p.name, p.recursion_misses) for p in progs)
-            # Events of this object the kernel did not run its program for: lost like any.
-            d.stats.setdefault(lo.name, {})["prog_recursion_lost"] = \
-                sum(p.recursion_misses for p in progs)
         if self._memcg:  # events the zerocopy reader could not decode
             d.stats.setdefault("zerocopy", {})["malformed_events_lost"] = \
                 self._memcg.zerocopy.bad_events
 
     def _read_programs(self, d: Draft) -> None:
+        """Each attached program's kernel statistics, read once: recursion misses always
+        (each object's sum is also a loss counter of its stats), run time and count only
+        with kernel.bpf_stats_enabled."""
+        progs = []
+        for lo in self.loaded:
+            own = [lk.program.stats() for lk in lo.obj.links]
+            # Events of this object the kernel did not run its program for: lost like any.
+            d.stats.setdefault(lo.name, {})["prog_recursion_lost"] = \
+                sum(p.recursion_misses for p in own)
+            progs += own
+        d.prog_recursion_misses = {p.name: p.recursion_misses for p in progs}
         if _bpf_stats_enabled():
-            progs = [lk.program.stats() for lo in self.loaded for lk in lo.obj.links]
             d.prog_run_time_ns = {p.name: p.run_time_ns for p in progs}
             d.prog_run_cnt = {p.name: p.run_cnt for p in progs}
 
